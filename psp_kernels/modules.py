@@ -1,0 +1,73 @@
+"""nn.Module wrappers with semseg's state_dict layout."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .geometry import DEFAULT_BINS, check_bins
+from .ops import multibin_avg_pool, project_bn_relu, upsample_concat
+from .reference import SemsegPPM
+
+
+class PyramidPooling(SemsegPPM):
+    """Drop-in pyramid pooling module (semseg's ``PPM``) running the three fused ops.
+
+    Args:
+        in_channels: C, channels of x (2048 for PSPNet-50).
+        reduction_channels: R, channels of each branch (semseg: ``in_channels // len(bins)``).
+        bins: pyramid output sizes, default (1, 2, 3, 6).
+        fused: run ``multibin_avg_pool -> project_bn_relu -> upsample_concat`` (default); ``False`` runs
+            semseg's module-by-module forward (the reference).
+
+    Forward: x [N, C, H, W] fp16/bf16/fp32/fp64 (NCHW or channels_last) -> [N, C + len(bins)*R, H, W] in
+    x's dtype and memory format, channels ordered x, bin 1, 2, 3, 6. The submodules are semseg's
+    (``features.{i}`` = pool, conv, BN, ReLU), so ``features.{i}.1.weight`` / ``features.{i}.2.*`` load
+    from a semseg checkpoint unchanged; BatchNorm behaves as ``nn.BatchNorm2d`` in train and eval mode.
+
+    Raises:
+        ValueError: bad ``bins`` or channel counts; in training, a bin with one value per channel.
+        NotImplementedError: fused forward with a BatchNorm the fused op does not cover
+            (``affine=False``, ``track_running_stats=False``, or eps/momentum differing across bins).
+
+    Source: Zhao et al., CVPR 2017, Sec. 3.2; hszhao/semseg ``model/pspnet.py``.
+    """
+
+    def __init__(self, in_channels: int, reduction_channels: int, bins: Sequence[int] = DEFAULT_BINS,
+                 fused: bool = True):
+        bins = check_bins(bins)
+        for name, value in (("in_channels", in_channels), ("reduction_channels", reduction_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        super().__init__(in_channels, reduction_channels, bins)
+        self.bins = bins
+        self.fused = fused
+
+    def _batch_norms(self) -> list[nn.BatchNorm2d]:
+        bns = [f[2] for f in self.features]
+        first = bns[0]
+        for bn in bns:
+            if not (bn.affine and bn.track_running_stats):
+                raise NotImplementedError("fused PyramidPooling needs BatchNorm with affine=True and "
+                                          "track_running_stats=True; use fused=False")
+            if (bn.eps, bn.momentum) != (first.eps, first.momentum):
+                raise NotImplementedError("fused PyramidPooling needs the same BatchNorm eps and momentum in "
+                                          "every bin; use fused=False")
+        return bns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        bns = self._batch_norms()
+        pooled = multibin_avg_pool(x, self.bins)
+        branches = project_bn_relu(
+            pooled, [f[1].weight for f in self.features], [bn.weight for bn in bns], [bn.bias for bn in bns],
+            [bn.running_mean for bn in bns], [bn.running_var for bn in bns], self.bins,
+            training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
+            num_batches_tracked=[bn.num_batches_tracked for bn in bns])
+        return upsample_concat(x, branches, self.bins)
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, fused={self.fused}"

@@ -1,0 +1,141 @@
+"""``psp::project_bn_relu``: every bin's 1x1 conv (no bias) + BatchNorm + ReLU on the packed pooled tensor.
+
+The custom op is functional: it returns the statistics it normalised with, and the public function
+:func:`project_bn_relu` updates the running statistics from them exactly as ``nn.BatchNorm2d`` does.
+Kernels: ``psp_kernels/triton/projection.py`` (CUDA), ``csrc/cpu/projection.cpp`` (CPU),
+``psp_kernels.reference.project_forward`` (oracle).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..backends import resolve
+from ..geometry import DEFAULT_BINS, acc_dtype, check_bins, packed_size
+from ._checks import check_tensor, check_tensor_list
+
+
+@torch.library.custom_op("psp::project_bn_relu", mutates_args=())
+def _project(pooled: torch.Tensor, weights: list[torch.Tensor], gammas: list[torch.Tensor],
+             betas: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor],
+             bins: Sequence[int], training: bool, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, z, mean, var = resolve(pooled.device).project_forward(
+        pooled, weights, gammas, betas, running_means, running_vars, list(bins), training, eps)
+    return out, z, mean, var
+
+
+@_project.register_fake
+def _(pooled, weights, gammas, betas, running_means, running_vars, bins, training, eps):
+    n, _, s = pooled.shape
+    r, acc = weights[0].shape[0], acc_dtype(pooled.dtype)
+    return (pooled.new_empty(n, r, s), pooled.new_empty(n, r, s, dtype=acc),
+            pooled.new_empty(len(bins), r, dtype=acc), pooled.new_empty(len(bins), r, dtype=acc))
+
+
+@torch.library.custom_op("psp::project_bn_relu_backward", mutates_args=())
+def _project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor,
+                      weights: list[torch.Tensor], gammas: list[torch.Tensor], betas: list[torch.Tensor],
+                      mean: torch.Tensor, var: torch.Tensor, bins: Sequence[int], training: bool, eps: float
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    grad_pooled, grad_w, grad_gamma, grad_beta = resolve(grad_out.device).project_backward(
+        grad_out.contiguous(), pooled, z, weights, gammas, betas, mean, var, list(bins), training, eps)
+    cast = lambda grads, params: [g.to(p.dtype) for g, p in zip(grads, params)]  # noqa: E731
+    return grad_pooled, cast(grad_w, weights), cast(grad_gamma, gammas), cast(grad_beta, betas)
+
+
+@_project_backward.register_fake
+def _(grad_out, pooled, z, weights, gammas, betas, mean, var, bins, training, eps):
+    like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
+    return torch.empty_like(pooled), like(weights), like(gammas), like(betas)
+
+
+def _setup_context(ctx, inputs, output):
+    pooled, weights, gammas, betas, _, _, bins, training, eps = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.save_for_backward(pooled, z, mean, var, *weights, *gammas, *betas)
+    ctx.nb, ctx.bins, ctx.training, ctx.eps = len(bins), list(bins), training, eps
+
+
+def _backward(ctx, grad_out, _gz, _gmean, _gvar):
+    pooled, z, mean, var, *params = ctx.saved_tensors
+    nb = ctx.nb
+    weights, gammas, betas = params[:nb], params[nb:2 * nb], params[2 * nb:]
+    grad_pooled, grad_w, grad_gamma, grad_beta = _project_backward(
+        grad_out, pooled, z, weights, gammas, betas, mean, var, ctx.bins, ctx.training, ctx.eps)
+    no_grad = [None] * nb  # running statistics are buffers
+    return grad_pooled, grad_w, grad_gamma, grad_beta, no_grad, no_grad, None, None, None
+
+
+_project.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _update_running_stats(mean, var, running_means, running_vars, num_batches_tracked, momentum, counts):
+    """nn.BatchNorm2d's update: r = (1 - m) * r + m * stat, with the unbiased variance n / (n - 1) * var."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            torch._foreach_add_(num_batches_tracked, 1)
+        for k, (rm, rv) in enumerate(zip(running_means, running_vars)):
+            m = momentum if momentum is not None else 1.0 / float(num_batches_tracked[k])
+            rm.mul_(1.0 - m).add_(mean[k].to(rm.dtype), alpha=m)
+            rv.mul_(1.0 - m).add_((var[k] * (counts[k] / (counts[k] - 1))).to(rv.dtype), alpha=m)
+
+
+def project_bn_relu(pooled: torch.Tensor, weights: Sequence[torch.Tensor], bn_weights: Sequence[torch.Tensor],
+                    bn_biases: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
+                    running_vars: Sequence[torch.Tensor], bins: Sequence[int] = DEFAULT_BINS,
+                    training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
+                    num_batches_tracked: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Per bin: 1x1 conv (no bias) -> BatchNorm -> ReLU, all bins in one op.
+
+    Args:
+        pooled: packed pooled tensor [N, C, S] (from :func:`multibin_avg_pool`), fp16/bf16/fp32/fp64.
+        weights: per bin the conv weight [R, C, 1, 1] (semseg ``features.{k}.1.weight``).
+        bn_weights, bn_biases, running_means, running_vars: per bin the BatchNorm tensors [R]
+            (``features.{k}.2.*``). Parameters may be pooled's dtype or fp32; math runs in fp32 (fp64).
+        bins: the bin sizes pooled was made with.
+        training: batch statistics (biased variance to normalise) and an in-place update of
+            ``running_means``/``running_vars`` (unbiased variance) and ``num_batches_tracked`` exactly as
+            ``nn.BatchNorm2d``; otherwise the running statistics normalise and nothing is modified.
+        momentum: running-average factor; ``None`` uses the cumulative average 1/num_batches_tracked.
+        eps: added to the variance.
+        num_batches_tracked: per bin the int64 counter to increment in training (optional).
+
+    Returns:
+        Packed branches [N, R, S], pooled's dtype (bin k at ``[:, :, off_k:off_k + b*b]``). Differentiable
+        w.r.t. pooled, weights, bn_weights, bn_biases.
+
+    Raises:
+        TypeError / ValueError / RuntimeError: wrong rank, shape, dtype or device of any argument
+            (the message names it); ValueError "Expected more than 1 value per channel when training"
+            when a bin has N*b*b == 1 in training, as PyTorch's BatchNorm.
+
+    Source: hszhao/semseg ``model/pspnet.py`` (PPM branch = pool -> conv1x1 -> BN -> ReLU).
+    """
+    bins = check_bins(bins)
+    check_tensor(pooled, "pooled", 3)
+    n, c, s = pooled.shape
+    if s != packed_size(bins):
+        raise ValueError(f"pooled must have S = sum(b*b) = {packed_size(bins)} packed cells for bins {bins}, "
+                         f"got {s}")
+    nb, dev = len(bins), pooled.device
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise TypeError("weights must be a non-empty list of conv weights [R, C, 1, 1], one per bin")
+    r = check_tensor(weights[0], "weights[0]", 4, dev).shape[0]
+    weights = check_tensor_list(weights, "weights", nb, (r, c, 1, 1), dev)
+    per_channel = [check_tensor_list(t, name, nb, (r,), dev) for t, name in (
+        (bn_weights, "bn_weights"), (bn_biases, "bn_biases"), (running_means, "running_means"),
+        (running_vars, "running_vars"))]
+    counts = [n * b * b for b in bins]
+    if training:
+        for b, count in zip(bins, counts):
+            if count == 1:
+                raise ValueError("Expected more than 1 value per channel when training, "
+                                 f"got input size {torch.Size([n, r, b, b])}")
+    out, _, mean, var = _project(pooled, weights, *per_channel, bins, training, eps)
+    if training:
+        _update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum, counts)
+    return out

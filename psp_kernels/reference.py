@@ -1,0 +1,189 @@
+"""Pure-PyTorch oracle: semseg's pyramid pooling math, and the backend interface every kernel implements.
+
+Every backend (this module, ``psp_kernels.triton``, the compiled ``psp_kernels._C``) provides the same
+six functions with the same arguments and results; ``psp_kernels.ops`` calls them through
+``psp_kernels.backends``. Layout conventions (see ``psp_kernels.geometry``):
+
+- ``pooled`` [N, C, S] and ``branches`` [N, R, S]: bins packed along the last dim, contiguous,
+  dtype of x. ``z``, ``mean``, ``var`` are in the accumulation dtype (fp64 for fp64, else fp32).
+- ``weights[k]`` [R, C, 1, 1] is bin k's 1x1 conv; ``gammas``/``betas``/``running_*`` [R] its BN.
+  Parameters may be x's dtype or fp32; math runs in the accumulation dtype.
+
+Source: hszhao/semseg ``model/pspnet.py`` (``PPM``); Zhao et al., CVPR 2017, Sec. 3.2.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .geometry import acc_dtype, bin_offsets, interpolation_matrix, is_channels_last, pooling_matrix
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def pool_forward(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+    """Adaptive average pooling of x [N, C, H, W] to every bin; returns packed pooled [N, C, S]."""
+    xa = x.to(acc_dtype(x.dtype))
+    return torch.cat([F.adaptive_avg_pool2d(xa, b).flatten(2) for b in bins], dim=2).to(x.dtype)
+
+
+def pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
+                  channels_last: bool) -> torch.Tensor:
+    """Gradient of :func:`pool_forward`: grad_x [N, C, H, W] = sum_b P_h^T g_b P_w (P: pooling matrix)."""
+    n, c, _ = grad_pooled.shape
+    dt = acc_dtype(grad_pooled.dtype)
+    g = grad_pooled.to(dt)
+    grad_x = g.new_zeros(n, c, height, width)
+    for b, off in zip(bins, bin_offsets(bins)):
+        ph = pooling_matrix(b, height, dt, g.device)
+        pw = pooling_matrix(b, width, dt, g.device)
+        gb = g[:, :, off:off + b * b].reshape(n, c, b, b)
+        grad_x += torch.einsum("ih,ncij,jw->nchw", ph, gb, pw)
+    return grad_x.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
+
+
+def _bin_slices(bins: Sequence[int]):
+    return [(k, off, b * b) for k, (b, off) in enumerate(zip(bins, bin_offsets(bins)))]
+
+
+def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor],
+                    betas: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
+                    running_vars: Sequence[torch.Tensor], bins: Sequence[int], training: bool, eps: float):
+    """Per bin: 1x1 conv (no bias) + BatchNorm + ReLU on the packed pooled tensor.
+
+    Returns ``(out [N, R, S] pooled.dtype, z [N, R, S] acc, mean [nb, R] acc, var [nb, R] acc)``: z is the
+    conv output, mean/var the statistics used to normalise (batch statistics, biased var, in training;
+    the running statistics in eval). Running statistics are not modified here.
+    """
+    dt = acc_dtype(pooled.dtype)
+    p = pooled.to(dt)
+    z = torch.cat([torch.einsum("rc,ncs->nrs", weights[k].to(dt).flatten(1), p[:, :, off:off + s])
+                   for k, off, s in _bin_slices(bins)], dim=2)
+    if training:
+        zs = [z[:, :, off:off + s] for _, off, s in _bin_slices(bins)]
+        mean = torch.stack([t.mean(dim=(0, 2)) for t in zs])
+        var = torch.stack([t.var(dim=(0, 2), unbiased=False) for t in zs])
+    else:
+        mean = torch.stack([m.to(dt) for m in running_means])
+        var = torch.stack([v.to(dt) for v in running_vars])
+    y = _normalize(z, mean, var, gammas, betas, bins, eps)
+    return torch.relu(y).to(pooled.dtype), z, mean, var
+
+
+def _per_cell(stat: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+    """Expand a per-bin statistic [nb, R] to the packed cells: [R, S]."""
+    return torch.cat([stat[k, :, None].expand(-1, s) for k, _, s in _bin_slices(bins)], dim=1)
+
+
+def _normalize(z, mean, var, gammas, betas, bins, eps):
+    dt = z.dtype
+    gamma = torch.stack([g.to(dt) for g in gammas])
+    beta = torch.stack([b.to(dt) for b in betas])
+    scale = gamma * torch.rsqrt(var + eps)
+    return z * _per_cell(scale, bins) + _per_cell(beta - mean * scale, bins)
+
+
+def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor,
+                     weights: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor],
+                     betas: Sequence[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                     bins: Sequence[int], training: bool, eps: float):
+    """Gradient of :func:`project_forward` w.r.t. pooled, the conv weights and BN gamma/beta.
+
+    Returns ``(grad_pooled [N, C, S] pooled.dtype, [grad_w_k [R, C, 1, 1]], [grad_gamma_k [R]],
+    [grad_beta_k [R]])``, parameter gradients in the accumulation dtype. In training mode the
+    gradient flows through the batch statistics (as ``nn.BatchNorm2d``); in eval mode it does not.
+    """
+    dt = z.dtype
+    p = pooled.to(dt)
+    y = _normalize(z, mean, var, gammas, betas, bins, eps)
+    g = grad_out.to(dt) * (y > 0)
+    invstd = torch.rsqrt(var + eps)
+    grad_p, grad_w, grad_gamma, grad_beta = [], [], [], []
+    for k, off, s in _bin_slices(bins):
+        gk, zk = g[:, :, off:off + s], z[:, :, off:off + s]
+        xhat = (zk - mean[k, None, :, None]) * invstd[k, None, :, None]
+        dbeta = gk.sum(dim=(0, 2))
+        dgamma = (gk * xhat).sum(dim=(0, 2))
+        gam = gammas[k].to(dt)[None, :, None]
+        if training:
+            m = gk.shape[0] * s
+            dz = gam * invstd[k, None, :, None] * (gk - dbeta[None, :, None] / m - xhat * dgamma[None, :, None] / m)
+        else:
+            dz = gk * gam * invstd[k, None, :, None]
+        w = weights[k].to(dt).flatten(1)
+        grad_p.append(torch.einsum("rc,nrs->ncs", w, dz))
+        grad_w.append(torch.einsum("nrs,ncs->rc", dz, p[:, :, off:off + s]).reshape(weights[k].shape))
+        grad_gamma.append(dgamma)
+        grad_beta.append(dbeta)
+    return torch.cat(grad_p, dim=2).to(pooled.dtype), grad_w, grad_gamma, grad_beta
+
+
+def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+    """Concat [N, C + nb*R, H, W] of x and every branch upsampled bilinearly (align_corners=True).
+
+    Channel order is x, then bins in order (semseg). The result has x's memory format and dtype.
+    """
+    n, r, _ = branches.shape
+    size = x.shape[2:]
+    dt = acc_dtype(x.dtype)
+    outs = [x]
+    for _, off, s in _bin_slices(bins):
+        b = int(round(s ** 0.5))
+        pb = branches[:, :, off:off + s].reshape(n, r, b, b).to(dt)
+        outs.append(F.interpolate(pb, size=size, mode="bilinear", align_corners=True).to(x.dtype))
+    return torch.cat(outs, dim=1).contiguous(memory_format=_memory_format(is_channels_last(x)))
+
+
+def upsample_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:
+    """Gradient of :func:`upsample_forward` w.r.t. the packed branches: [N, R, S], grad_out's dtype.
+
+    ``channels`` is C, the number of pass-through channels of x at the front of grad_out.
+    Per bin: ``A_h^T g A_w`` with A the interpolation matrix (a gather, deterministic).
+    """
+    n, total, h, w = grad_out.shape
+    r = (total - channels) // len(bins)
+    dt = acc_dtype(grad_out.dtype)
+    grads = []
+    for k, b in enumerate(bins):
+        gk = grad_out[:, channels + k * r: channels + (k + 1) * r].to(dt)
+        ah = interpolation_matrix(h, b, dt, grad_out.device)
+        aw = interpolation_matrix(w, b, dt, grad_out.device)
+        grads.append(torch.einsum("hi,nrhw,wj->nrij", ah, gk, aw).reshape(n, r, b * b))
+    return torch.cat(grads, dim=2).to(grad_out.dtype)
+
+
+class SemsegPPM(nn.Module):
+    """semseg's ``PPM`` exactly, built from stock modules: the unfused oracle for the fused path.
+
+    Args:
+        in_dim: C, channels of x (2048 for ResNet-50).
+        reduction_dim: R, channels of each branch (semseg: ``in_dim // len(bins)``).
+        bins: output sizes of the pyramid levels.
+
+    Forward: x [N, C, H, W] float -> [N, C + len(bins)*R, H, W]; state_dict keys ``features.{i}.1.weight``
+    (conv [R, C, 1, 1]) and ``features.{i}.2.*`` (BatchNorm2d). Source: hszhao/semseg ``model/pspnet.py``.
+    """
+
+    def __init__(self, in_dim: int, reduction_dim: int, bins: Sequence[int]):
+        super().__init__()
+        self.features = nn.ModuleList([
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(b),
+                nn.Conv2d(in_dim, reduction_dim, kernel_size=1, bias=False),
+                nn.BatchNorm2d(reduction_dim),
+                nn.ReLU(inplace=True),
+            ) for b in bins
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        out = [x]
+        for f in self.features:
+            out.append(F.interpolate(f(x), size, mode="bilinear", align_corners=True))
+        return torch.cat(out, 1)
