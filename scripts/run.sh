@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One entry for a fresh machine: install what is missing, build the C++ extension, then run a job.
+#   bash scripts/run.sh train   train PSPNet on CamVid (configs/camvid.yaml), then evaluate on val
+#   bash scripts/run.sh test    run the test suite
+# Extra arguments after the job name go to pytest (test) or to `python -m pspnet.train` (train).
+# Environment: PYTHON (default python3), CAMVID_ROOT (default ../shared/data/camvid), RUN_DIR (default
+# runs/camvid).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+job=${1:-}
+[ $# -gt 0 ] && shift
+
+setup() {
+    # Reuse an installed torch; never let pip resolve an unpinned one (it would pull CUDA packages).
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        "$PY" -m pip install --quiet torch==2.13.0
+    fi
+    "$PY" -m pip install --quiet -r requirements.txt
+    # Builds psp_kernels._C in place (ninja, incremental); --no-deps keeps pip away from torch.
+    "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+}
+
+case "$job" in
+    test)
+        setup
+        exec "$PY" -m pytest tests -q "$@"
+        ;;
+    train)
+        setup
+        data=${CAMVID_ROOT:-../shared/data/camvid}
+        out=${RUN_DIR:-runs/camvid}
+        "$PY" -m pspnet.train --config configs/camvid.yaml --data_root "$data" --save_path "$out" "$@"
+        "$PY" -m pspnet.evaluate --config configs/camvid.yaml --data_root "$data" \
+            --checkpoint "$out/final.pth" --split val --save-dir "$out/eval"
+        ;;
+    *)
+        echo "usage: bash scripts/run.sh {train|test} [extra args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,36 @@
+"""Builds psp_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA.
+
+Use ``pip install --no-build-isolation -e .`` (no build isolation: reuse the installed torch instead of
+letting pip fetch another one). ninja compiles the sources in parallel and incrementally.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    sources = _sources("csrc/cpu/*.cpp") + ["csrc/bindings.cpp"]
+    cxx = ["-O3", "-fopenmp"]
+    cuda_sources = _sources("csrc/cuda/*.cu") if torch.version.cuda else []
+    if cuda_sources:
+        return CUDAExtension("psp_kernels._C", sources + cuda_sources,
+                             extra_compile_args={"cxx": cxx + ["-DPSP_WITH_CUDA"], "nvcc": ["-O3"]},
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("psp_kernels._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+
+
+setup(
+    packages=find_packages(include=["psp_kernels*", "pspnet*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
