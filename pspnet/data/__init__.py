@@ -1,0 +1,46 @@
+"""Data loading and augmentation for PSPNet on CamVid.
+
+:class:`CamVid` reads the SegNet 11-class CamVid copy in ``shared/data/camvid``;
+the transforms reproduce semseg ``util/transform.py`` (see
+:mod:`pspnet.data.transforms`).  Typical use::
+
+    train = CamVid(root, "train", transform=train_transform((361, 481)), cache=True)
+    loader = DataLoader(train, batch_size=8, shuffle=True, drop_last=True,
+                        num_workers=1, worker_init_fn=seed_worker)
+"""
+
+from .camvid import CamVid
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Compose,
+    Crop,
+    Normalize,
+    RandomGaussianBlur,
+    RandomHorizontalFlip,
+    RandRotate,
+    RandScale,
+    Resize,
+    ToTensor,
+    seed_worker,
+    train_transform,
+    val_transform,
+)
+
+__all__ = [
+    "CamVid",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Compose",
+    "Crop",
+    "Normalize",
+    "RandomGaussianBlur",
+    "RandomHorizontalFlip",
+    "RandRotate",
+    "RandScale",
+    "Resize",
+    "ToTensor",
+    "seed_worker",
+    "train_transform",
+    "val_transform",
+]
