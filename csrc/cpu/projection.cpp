@@ -1,0 +1,354 @@
+// Per-bin 1x1 conv + BatchNorm + ReLU on the packed pooled tensor (project_forward) and its gradient
+// (project_backward), on CPU.
+//
+// The 1x1 convs are GEMMs on tiny operands: the packed pooled [N, C, S] is converted to the
+// accumulation type and viewed as [C, N, S]; bin k's columns become P_k [C, N*s] (s = b*b) and
+// Z_k = W_k [R, C] @ P_k (an own fixed-order GEMM, see gemm_fixed_order). Everything per
+// BatchNorm channel -- batch statistics (two-pass mean and biased variance over the N*s values),
+// normalise + ReLU, and the BN + ReLU backward -- is an own loop over the contiguous row Z_k[r, :],
+// one task item per (bin, channel), so each statistic has a fixed summation order independent of
+// the thread count.
+#include "ppm_cpu.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace psp::cpu {
+namespace {
+
+// BatchNorm as an affine map: y = z * scale + shift (scale = gamma / sqrt(var + eps)).
+template <typename acc_t>
+struct BnAffine {
+  acc_t invstd;
+  acc_t scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+inline BnAffine<acc_t> bn_affine(acc_t gamma, acc_t beta, acc_t mean, acc_t var, double eps) {
+  const acc_t invstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+  const acc_t scale = gamma * invstd;
+  return {invstd, scale, beta - mean * scale};
+}
+
+// ReLU that propagates NaN like torch.relu.
+template <typename acc_t>
+inline acc_t relu(acc_t y) {
+  return y < acc_t(0) ? acc_t(0) : y;
+}
+
+// Per-bin parameters of shape [R] (any floating dtype) stacked into one contiguous [nb, R] tensor
+// of the accumulation dtype.
+at::Tensor stack_params(const std::vector<at::Tensor>& ts, const char* name, const PackedBins& pb,
+                        int64_t R, at::ScalarType acc) {
+  check_list(ts, name, pb);
+  std::vector<at::Tensor> rows;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.defined() && t.numel() == R, "psp_kernels: every ", name, "[k] must have ", R,
+                " elements, got ", t.sizes());
+    rows.push_back(t.reshape({R}).to(acc));
+  }
+  return at::stack(rows).contiguous();
+}
+
+// Checks weights[k] is [R, C, 1, 1] (R from weights[0]); returns R.
+int64_t check_weights(const std::vector<at::Tensor>& weights, const PackedBins& pb, int64_t C) {
+  check_list(weights, "weights", pb);
+  const int64_t R = weights[0].dim() == 4 ? weights[0].size(0) : -1;
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(0) == R && w.size(1) == C && w.size(2) == 1 &&
+                    w.size(3) == 1,
+                "psp_kernels: weights[k] must be [R, C, 1, 1] with C = ", C, " and one R, got ",
+                w.sizes());
+  }
+  return R;
+}
+
+// Bin k's columns of the [C, N, S] accumulation-type view as a contiguous [C, N*s] matrix.
+at::Tensor bin_columns(const at::Tensor& p_cns, const PackedBins& pb, int64_t k) {
+  const int64_t s = pb.sizes[k] * pb.sizes[k];
+  return p_cns.narrow(2, pb.offsets[k], s).reshape({p_cns.size(0), p_cns.size(1) * s});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixed-order GEMM: out [I, n] = A [I, K] @ B [K, n], A(i, k) = a[i * si + k * sk], B rows ldb apart.
+// Every out[i][j] is accumulated from 0 over k ascending by one task, so its bits depend neither on
+// the tiling nor on the thread count. (at::mm is not used here: MKL's multi-threaded sgemm returns
+// different bits for 1 and 2 threads at PPM sizes, e.g. [512, 2048] @ [2048, 72].)
+// Register tiles of kTileRows x (2 SIMD vectors) accumulators; edge tiles use scalar loops with the
+// same per-element arithmetic (acc += a * b, no reassociation).
+// ---------------------------------------------------------------------------------------------
+
+// 16-byte SIMD vector of acc_t (GCC / Clang vector extension: 4 floats or 2 doubles).
+template <typename acc_t>
+struct Simd {
+  typedef acc_t type __attribute__((vector_size(16)));
+  static constexpr int64_t lanes = 16 / static_cast<int64_t>(sizeof(acc_t));
+};
+
+constexpr int64_t kTileRows = 4;
+template <typename acc_t>
+constexpr int64_t kTileCols = 2 * Simd<acc_t>::lanes;
+
+// A full tile, accumulators in registers.
+template <typename acc_t>
+void gemm_tile_full(int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b, int64_t ldb,
+                    acc_t* out, int64_t ldo) {
+  using V = typename Simd<acc_t>::type;
+  constexpr int64_t L = Simd<acc_t>::lanes;
+  V acc[kTileRows][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, b + k * ldb, sizeof(V));
+    std::memcpy(&b1, b + k * ldb + L, sizeof(V));
+    for (int64_t i = 0; i < kTileRows; ++i) {
+      const acc_t coef = a[i * si + k * sk];
+      acc[i][0] += coef * b0;
+      acc[i][1] += coef * b1;
+    }
+  }
+  for (int64_t i = 0; i < kTileRows; ++i) {
+    std::memcpy(out + i * ldo, &acc[i][0], sizeof(V));
+    std::memcpy(out + i * ldo + L, &acc[i][1], sizeof(V));
+  }
+}
+
+// A partial tile (rows x cols within the full extents).
+template <typename acc_t>
+void gemm_tile_edge(int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b, int64_t ldb,
+                    acc_t* out, int64_t ldo, int64_t rows, int64_t cols) {
+  acc_t acc[kTileRows][kTileCols<acc_t>] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* bk = b + k * ldb;
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t coef = a[i * si + k * sk];
+      for (int64_t j = 0; j < cols; ++j) acc[i][j] += coef * bk[j];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) std::copy(acc[i], acc[i] + cols, out + i * ldo);
+}
+
+// out (contiguous [I, n]) = A @ B; one task item per output tile, row tiles fastest so consecutive
+// items of a task reuse one column block of B from cache.
+template <typename acc_t>
+void gemm_fixed_order(int64_t I, int64_t n, int64_t K, const acc_t* a, int64_t si, int64_t sk,
+                      const acc_t* b, int64_t ldb, acc_t* out) {
+  constexpr int64_t TR = kTileRows, TC = kTileCols<acc_t>;
+  const int64_t ti = div_up(I, TR);
+  at::parallel_for(0, ti * div_up(n, TC), grain_for(K * TR * TC), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = (t % ti) * TR, j0 = (t / ti) * TC;
+      const int64_t rows = std::min(TR, I - i0), cols = std::min(TC, n - j0);
+      if (rows == TR && cols == TC) {
+        gemm_tile_full(K, a + i0 * si, si, sk, b + j0, ldb, out + i0 * n + j0, n);
+      } else {
+        gemm_tile_edge(K, a + i0 * si, si, sk, b + j0, ldb, out + i0 * n + j0, n, rows, cols);
+      }
+    }
+  });
+}
+
+// Tensor front end: A given by a 2-D tensor of acc_t (any strides; transposed views are free),
+// B a contiguous [K, n] tensor of acc_t; returns a contiguous [I, n] tensor.
+at::Tensor fixed_order_mm(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type(),
+              "psp_kernels: bad GEMM operands ", a.sizes(), " @ ", b.sizes());
+  const at::Tensor bc = b.contiguous();
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, b.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "psp_gemm", [&] {
+    gemm_fixed_order<scalar_t>(a.size(0), b.size(1), a.size(1), a.const_data_ptr<scalar_t>(), a.stride(0),
+                               a.stride(1), bc.const_data_ptr<scalar_t>(), b.size(1), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// Batch mean and biased variance of m contiguous values, two passes.
+template <typename acc_t>
+inline void batch_stats(const acc_t* v, int64_t m, acc_t& mean, acc_t& var) {
+  acc_t sum = 0;
+  for (int64_t e = 0; e < m; ++e) sum += v[e];
+  mean = sum / static_cast<acc_t>(m);
+  acc_t sq = 0;
+  for (int64_t e = 0; e < m; ++e) sq += (v[e] - mean) * (v[e] - mean);
+  var = sq / static_cast<acc_t>(m);
+}
+
+// Read-only views shared by the per-(bin, channel) kernels of one call.
+template <typename acc_t>
+struct ProjectArgs {
+  const PackedBins* pb;
+  int64_t N, R, S;
+  const acc_t* gamma;  // [nb, R]
+  const acc_t* beta;   // [nb, R]
+  double eps;
+  bool training;
+};
+
+// Forward of item (k, r): statistics (training) from zrow = Z_k[r, :] ([N, s] flattened), then z and
+// out written into their packed [N, R, S] places.
+template <typename scalar_t, typename acc_t>
+void bn_relu_forward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, const acc_t* zrow,
+                         acc_t* mean, acc_t* var, acc_t* z, scalar_t* out) {
+  const int64_t s = a.pb->sizes[k] * a.pb->sizes[k], kr = k * a.R + r;
+  if (a.training) batch_stats(zrow, a.N * s, mean[kr], var[kr]);
+  const BnAffine<acc_t> bn = bn_affine(a.gamma[kr], a.beta[kr], mean[kr], var[kr], a.eps);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t base = (n * a.R + r) * a.S + a.pb->offsets[k];
+    for (int64_t q = 0; q < s; ++q) {
+      const acc_t v = zrow[n * s + q];
+      z[base + q] = v;
+      out[base + q] = static_cast<scalar_t>(relu(v * bn.scale + bn.shift));
+    }
+  }
+}
+
+// Backward of item (k, r): masked grad g = grad_out * (y > 0), dbeta = sum g, dgamma = sum g * xhat,
+// then dz (through the batch statistics in training) into dzrow = dZ_k[r, :].
+template <typename scalar_t, typename acc_t>
+void bn_relu_backward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, const scalar_t* go,
+                          const acc_t* z, const acc_t* mean, const acc_t* var, acc_t* dzrow,
+                          acc_t* dgamma, acc_t* dbeta) {
+  const int64_t s = a.pb->sizes[k] * a.pb->sizes[k], kr = k * a.R + r, m = a.N * s;
+  const BnAffine<acc_t> bn = bn_affine(a.gamma[kr], a.beta[kr], mean[kr], var[kr], a.eps);
+  acc_t sum_g = 0, sum_gx = 0;
+  for (int64_t n = 0; n < a.N; ++n) {  // pass 1: masked grad (kept in dzrow) and its two sums
+    const int64_t base = (n * a.R + r) * a.S + a.pb->offsets[k];
+    for (int64_t q = 0; q < s; ++q) {
+      const acc_t zv = z[base + q];
+      const acc_t g = zv * bn.scale + bn.shift > acc_t(0) ? static_cast<acc_t>(go[base + q]) : acc_t(0);
+      dzrow[n * s + q] = g;
+      sum_g += g;
+      sum_gx += g * ((zv - mean[kr]) * bn.invstd);
+    }
+  }
+  dbeta[r] = sum_g;
+  dgamma[r] = sum_gx;
+  const acc_t gi = a.gamma[kr] * bn.invstd;
+  if (!a.training) {
+    for (int64_t e = 0; e < m; ++e) dzrow[e] = dzrow[e] * gi;
+    return;
+  }
+  const acc_t mean_g = sum_g / static_cast<acc_t>(m), mean_gx = sum_gx / static_cast<acc_t>(m);
+  for (int64_t n = 0; n < a.N; ++n) {  // pass 2: dz through the batch statistics
+    const int64_t base = (n * a.R + r) * a.S + a.pb->offsets[k];
+    for (int64_t q = 0; q < s; ++q) {
+      const acc_t xhat = (z[base + q] - mean[kr]) * bn.invstd;
+      acc_t& d = dzrow[n * s + q];
+      d = gi * (d - mean_g - xhat * mean_gx);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
+    const at::Tensor& pooled, const std::vector<at::Tensor>& weights,
+    const std::vector<at::Tensor>& gammas, const std::vector<at::Tensor>& betas,
+    const std::vector<at::Tensor>& running_means, const std::vector<at::Tensor>& running_vars,
+    const std::vector<int64_t>& bins, bool training, double eps) {
+  at::NoGradGuard no_grad;  // explicit gradients; never record the ATen ops used here
+  const PackedBins pb = packed_bins(bins);
+  check_packed(pooled, "pooled", pb);
+  const int64_t N = pooled.size(0), C = pooled.size(1), S = pb.total, nb = pb.count();
+  const int64_t R = check_weights(weights, pb, C);
+  const at::ScalarType acc = acc_dtype(pooled.scalar_type());
+  const at::Tensor gamma = stack_params(gammas, "gammas", pb, R, acc);
+  const at::Tensor beta = stack_params(betas, "betas", pb, R, acc);
+  const auto acc_opts = pooled.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor mean = training ? at::empty({nb, R}, acc_opts) : stack_params(running_means, "running_means", pb, R, acc);
+  at::Tensor var = training ? at::empty({nb, R}, acc_opts) : stack_params(running_vars, "running_vars", pb, R, acc);
+  at::Tensor z = at::empty({N, R, S}, acc_opts);
+  at::Tensor out = at::empty({N, R, S}, pooled.options().memory_format(at::MemoryFormat::Contiguous));
+
+  // GEMMs: Z_k [R, N*s] = W_k [R, C] @ P_k [C, N*s], in the accumulation dtype.
+  const at::Tensor p_cns = pooled.to(acc).permute({1, 0, 2});
+  std::vector<at::Tensor> zk;
+  for (int64_t k = 0; k < nb; ++k) {
+    zk.push_back(fixed_order_mm(weights[k].to(acc).reshape({R, C}), bin_columns(p_cns, pb, k)));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_project_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ProjectArgs<acc_t> a{&pb, N, R, S, gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(),
+                               eps, training};
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    acc_t* zp = z.data_ptr<acc_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // One item per (bin k, channel r); an item owns mean/var[k, r] and its z/out cells.
+    at::parallel_for(0, nb * R, grain_for(N * S / nb), [&](int64_t begin, int64_t end) {
+      for (int64_t kr = begin; kr < end; ++kr) {
+        const int64_t k = kr / R, r = kr % R, m = N * pb.sizes[k] * pb.sizes[k];
+        bn_relu_forward_row<scalar_t, acc_t>(a, k, r, zk[k].const_data_ptr<acc_t>() + r * m, mp, vp, zp, op);
+      }
+    });
+  });
+  return {out, z, mean, var};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+project_backward(const at::Tensor& grad_out, const at::Tensor& pooled, const at::Tensor& z_in,
+                 const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
+                 const std::vector<at::Tensor>& betas, const at::Tensor& mean_in, const at::Tensor& var_in,
+                 const std::vector<int64_t>& bins, bool training, double eps) {
+  at::NoGradGuard no_grad;
+  const PackedBins pb = packed_bins(bins);
+  check_packed(pooled, "pooled", pb);
+  check_packed(grad_out, "grad_out", pb);
+  check_packed(z_in, "z", pb);
+  const int64_t N = pooled.size(0), C = pooled.size(1), S = pb.total, nb = pb.count();
+  const int64_t R = check_weights(weights, pb, C);
+  const at::ScalarType acc = acc_dtype(pooled.scalar_type());
+  TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == R && z_in.size(0) == N && z_in.size(1) == R,
+              "psp_kernels: grad_out and z must be [N, R, S] = [", N, ", ", R, ", ", S, "], got ",
+              grad_out.sizes(), " and ", z_in.sizes());
+  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels: z must be in the accumulation dtype ", acc,
+              ", got ", z_in.scalar_type());
+  TORCH_CHECK(mean_in.numel() == nb * R && var_in.numel() == nb * R, "psp_kernels: mean and var must be [",
+              nb, ", ", R, "], got ", mean_in.sizes(), " and ", var_in.sizes());
+  const at::Tensor gamma = stack_params(gammas, "gammas", pb, R, acc);
+  const at::Tensor beta = stack_params(betas, "betas", pb, R, acc);
+  const at::Tensor mean = mean_in.to(acc).contiguous(), var = var_in.to(acc).contiguous();
+  const at::Tensor z = z_in.contiguous();
+  TORCH_CHECK(grad_out.scalar_type() == pooled.scalar_type(), "psp_kernels: grad_out must have pooled's dtype ",
+              pooled.scalar_type(), ", got ", grad_out.scalar_type());
+  const at::Tensor go = grad_out.contiguous();
+  const auto acc_opts = pooled.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
+
+  std::vector<at::Tensor> dz, grad_gamma, grad_beta;
+  for (int64_t k = 0; k < nb; ++k) {
+    dz.push_back(at::empty({R, N * pb.sizes[k] * pb.sizes[k]}, acc_opts));
+    grad_gamma.push_back(at::empty({R}, acc_opts));
+    grad_beta.push_back(at::empty({R}, acc_opts));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_project_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ProjectArgs<acc_t> a{&pb, N, R, S, gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(),
+                               eps, training};
+    // One item per (bin k, channel r); an item owns dz_k[r, :], grad_gamma[k][r], grad_beta[k][r].
+    at::parallel_for(0, nb * R, grain_for(N * S / nb), [&](int64_t begin, int64_t end) {
+      for (int64_t kr = begin; kr < end; ++kr) {
+        const int64_t k = kr / R, r = kr % R;
+        bn_relu_backward_row<scalar_t, acc_t>(
+            a, k, r, go.const_data_ptr<scalar_t>(), z.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+            var.const_data_ptr<acc_t>(), dz[k].data_ptr<acc_t>() + r * dz[k].size(1),
+            grad_gamma[k].data_ptr<acc_t>(), grad_beta[k].data_ptr<acc_t>());
+      }
+    });
+  });
+
+  // GEMMs per bin: grad P_k = W_k^T @ dZ_k (formed transposed, B = W_k's contiguous rows) and
+  // grad W_k [R, C] = dZ_k @ P_k^T.
+  const at::Tensor p_cns = pooled.to(acc).permute({1, 0, 2});
+  at::Tensor grad_pooled = at::empty({N, C, S}, pooled.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<at::Tensor> grad_w;
+  for (int64_t k = 0; k < nb; ++k) {
+    const int64_t s = pb.sizes[k] * pb.sizes[k];
+    const at::Tensor w = weights[k].to(acc).reshape({R, C});
+    const at::Tensor gpt = fixed_order_mm(dz[k].t(), w);  // grad P_k^T [N*s, C] = dZ_k^T @ W_k
+    grad_pooled.narrow(2, pb.offsets[k], s).copy_(gpt.view({N, s, C}).permute({0, 2, 1}));
+    grad_w.push_back(fixed_order_mm(dz[k], bin_columns(p_cns, pb, k).t()).reshape(weights[k].sizes()));
+  }
+  return {grad_pooled, grad_w, grad_gamma, grad_beta};
+}
+
+}  // namespace psp::cpu
