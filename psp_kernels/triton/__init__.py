@@ -1,0 +1,52 @@
+"""Triton backend: the six functions of the backend interface (see :mod:`psp_kernels.reference`).
+
+==================  ==============================================================  =========
+function            parallel decomposition                                          launches
+==================  ==============================================================  =========
+pool_forward        program per (n, channel block): one pass over x, all bins         1
+pool_backward       program per (n, channel block, row block): gather, no atomics     1
+project_forward     program per (bin, R block): GEMM + batch stats + BN + ReLU        1
+project_backward    BN bwd per (bin, R block); dgrad / wgrad GEMM tiles per bin       3
+upsample_forward    program per (hw block, channel block, n): copy x / interpolate     1
+upsample_backward   program per (n, bin, R block): separable transposed interp.       1
+==================  ==============================================================  =========
+
+Every output element is written by exactly one program that reduces in a fixed order: results are
+bitwise deterministic and no kernel uses atomics. Accumulation is fp32 (fp64 for fp64 inputs).
+
+``KERNELS`` lists every ``@triton.jit`` kernel with the compile signatures/constexprs of each block
+config its launcher can pick (fp16/bf16/fp32/fp64), for compile-only tests without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import pooling, projection, upsample
+from .pooling import CompileConfig, pool_backward, pool_forward
+from .projection import project_backward, project_forward
+from .upsample import upsample_backward, upsample_forward
+
+__all__ = ["pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
+           "upsample_backward", "KERNELS", "KernelEntry", "CompileConfig"]
+
+
+class KernelEntry(NamedTuple):
+    """A ``@triton.jit`` kernel and the configs to compile it with (``triton.compile(ASTSource(...))``)."""
+
+    name: str
+    fn: object
+    configs: tuple
+
+
+def _registry(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    by_kernel: dict = {}
+    for module in (pooling, projection, upsample):
+        for fn, cfg in module.compile_configs(dtypes):
+            by_kernel.setdefault(fn, []).append(cfg)
+    return tuple(KernelEntry(fn.__name__, fn, tuple(cfgs)) for fn, cfgs in by_kernel.items())
+
+
+KERNELS = _registry()
