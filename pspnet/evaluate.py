@@ -1,0 +1,120 @@
+"""``python -m pspnet.evaluate --checkpoint PATH [--config YAML] [--split val] [--scales 0.5,0.75,1.0,1.25,1.5,1.75]
+[--flip] [--save-dir DIR] [--no-images] [--key value ...]``
+
+Evaluates a checkpoint (ours, or semseg's ``{'state_dict': {'module.…'}}``) on a CamVid split with
+semseg's test procedure (``tool/test.py``: resize to base_size x scale, sliding window, optional flip,
+averaged over scales; see :mod:`pspnet.inference`) and semseg's metrics (:mod:`pspnet.metrics`).
+Prints mIoU/mAcc/allAcc and the per-class table; writes ``metrics.json`` and ``metrics.md`` to the
+save dir, colour-coded predictions to ``save-dir/pred/<name>.png`` and 0.5 overlays on the image to
+``save-dir/overlay/<name>.png``. Existing files other than these outputs are never touched.
+Without ``--config`` the config stored in the checkpoint is used; overrides apply on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import ConfigError, TrainConfig, apply_overrides, config_help, load_config
+from .engine import base_dataset, build_eval_set, build_model, evaluate_dataset, write_report
+from .visualize import colorize, overlay, write_rgb_png
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser for the fixed options; config overrides (``--scales``, ``--flip``, ...) are the rest."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pspnet.evaluate", description=__doc__,
+        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.pth)")
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="config file (default: the config stored in the checkpoint)")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="dataset split")
+    parser.add_argument("--save-dir", metavar="DIR", default=None,
+                        help="output folder (default: <checkpoint folder>/eval_<split>)")
+    parser.add_argument("--no-images", action="store_true", help="do not write prediction / overlay PNGs")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
+    return parser
+
+
+def _config_from_checkpoint(saved: dict, source: str) -> TrainConfig:
+    """TrainConfig from a checkpoint's stored dict, dropping (with a warning) keys this version lacks."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    dropped = sorted(set(saved) - known)
+    if dropped:
+        warnings.warn(f"{source}: ignoring stored config keys unknown to this version: {dropped}", stacklevel=2)
+    return TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}, source)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv``, evaluate, return the exit code (0 = success; 2 = bad arguments)."""
+    from pspnet.models import load_state_dict
+
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        parser.error(f"--checkpoint: {e}")
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config, overrides)
+        elif isinstance(state.get("config"), dict):
+            cfg = apply_overrides(_config_from_checkpoint(state["config"], f"{args.checkpoint} (stored config)"),
+                                  overrides)
+        else:
+            parser.error(f"--config is required: {args.checkpoint} holds no stored config")
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+    try:
+        dataset = build_eval_set(cfg, args.split, cfg.max_val_samples)
+    except (FileNotFoundError, ConfigError) as e:
+        parser.error(f"--split {args.split}: {e}")
+    model = build_model(cfg)
+    load_state_dict(model, state)
+    model.eval()
+    base, _ = base_dataset(dataset)
+    save_dir = Path(args.save_dir) if args.save_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
+    save_dir.mkdir(parents=True, exist_ok=True)
+
+    on_image = None
+    if not args.no_images:
+        palette = base.palette
+
+        def on_image(name, image, label, pred):
+            color = colorize(pred, palette)
+            write_rgb_png(save_dir / "pred" / f"{name}.png", color)
+            write_rgb_png(save_dir / "overlay" / f"{name}.png", overlay(image, color, 0.5))
+
+    t0 = time.perf_counter()
+    metrics = evaluate_dataset(model, dataset, cfg, scales=cfg.scales, flip=cfg.flip, on_image=on_image,
+                               desc=f"eval {args.split}", progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    result = metrics.compute()
+    table = metrics.table(base.classes)
+    info = {"checkpoint": str(args.checkpoint), "split": args.split, "images": result["num_images"],
+            "scales": list(cfg.scales), "flip": cfg.flip, "base_size": cfg.base_size,
+            "crop": [cfg.test_h, cfg.test_w], "layers": cfg.layers, "fused": cfg.fused,
+            "seconds": round(seconds, 2), "classes": list(base.classes)}
+    json_path, md_path = write_report(save_dir, "metrics", result, table, info)
+    print(f"{args.split}: {metrics.summary()} ({result['num_images']} images, {seconds:.1f}s)")
+    print(table)
+    images = "" if args.no_images else f", {save_dir / 'pred'}, {save_dir / 'overlay'}"
+    print(f"wrote {json_path}, {md_path}{images}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``python -m pspnet.train --config configs/camvid.yaml [--key value ...] [--no-fused] [--resume PATH|auto]``
+
+Trains PSPNet with semseg's recipe (``tool/train.py``; see :mod:`pspnet.trainer`). Every config key
+can be overridden as ``--key value`` (``python -m pspnet.train --help`` lists them). Writes
+``save_path/log.jsonl``, ``epoch_NNNN.pth`` checkpoints (last ``keep_last`` kept), ``final.pth`` and
+``final_metrics.{json,md}``; prints the final checkpoint's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, config_help, load_config
+from .trainer import Trainer
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser for the fixed options; config overrides are the remaining ``--key value`` tokens."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pspnet.train", description=__doc__,
+        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="config file (default: the TrainConfig defaults)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, return the exit code (0 = success, 130 = Ctrl-C).
+
+    Config errors (unknown key, bad value, occupied save_path) exit with status 2 and a message naming
+    the offending key.
+    """
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
+    try:
+        trainer = Trainer(cfg, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad save_path / data_root / resume
+        parser.error(str(e))
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at iteration {trainer.iteration}; checkpoints in {trainer.save_dir} are intact, "
+              f"continue with --resume auto", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

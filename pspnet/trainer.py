@@ -1,0 +1,286 @@
+"""The training loop of semseg ``tool/train.py`` for one process on CPU (or one device):
+SGD + poly LR per iteration, main + aux_weight * aux loss, periodic atomic checkpoints, JSONL log,
+validation with ``pspnet.inference``, exact resume (model, optimizer, iteration, RNG, data order)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, prune, save_checkpoint, strip_module_prefix)
+from .config import ConfigError, TrainConfig
+from .engine import (EpochSampler, JsonlLog, base_dataset, build_eval_set, build_model, build_optimizer,
+                     build_train_loader, build_train_set, evaluate_dataset, get_rng_state, set_poly_lr, set_rng_state,
+                     set_seed, write_report)
+
+__all__ = ["Trainer"]
+
+# config keys whose change on resume is expected (schedule length, bookkeeping, evaluation)
+_RESUME_FREE_KEYS = {"resume", "overwrite", "max_iters", "epochs", "eval_freq", "save_freq", "keep_last",
+                     "log_freq", "workers", "threads", "cache_data", "max_val_samples", "batch_size_val",
+                     "base_size", "test_h", "test_w", "scales", "flip", "window_batch", "save_path", "data_root"}
+
+
+class _Window:
+    """Loss / throughput sums since the last log row."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = self.images = 0
+        self.loss = self.main = self.aux = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, main: float, aux: float, images: int) -> None:
+        self.n += 1
+        self.images += images
+        self.loss += loss
+        self.main += main
+        self.aux += aux
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and trains (``run``).
+
+    Args:
+        cfg: validated config; ``cfg.seed`` None is replaced by a drawn seed (stored in checkpoints).
+        progress: show tqdm bars.
+
+    Raises:
+        ConfigError: a fresh run would write into a ``save_path`` that already holds checkpoints
+            (without ``overwrite``), the batch is larger than the dataset, or the dataset's classes differ.
+        FileNotFoundError / CheckpointError: ``resume`` names a missing or unreadable checkpoint.
+        RuntimeError: the resume checkpoint does not fit the model built from the config.
+    """
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.save_dir = Path(cfg.save_path)
+        state, self.resumed_from = self._resolve_resume()
+        if cfg.seed is None:  # a resumed run keeps its data order; a fresh one draws and records a seed
+            saved = (state or {}).get("config", {}).get("seed")
+            cfg.seed = saved if saved is not None else random.SystemRandom().randrange(2**31)
+        set_seed(cfg.seed)
+        self.train_set = build_train_set(cfg)
+        self.iters_per_epoch = len(self.train_set) // cfg.batch_size
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"config key 'batch_size': {cfg.batch_size} is larger than the "
+                              f"{len(self.train_set)} training images (drop_last=True leaves no batch)")
+        self.max_iter = cfg.epochs * self.iters_per_epoch
+        if cfg.max_iters is not None:
+            self.max_iter = min(self.max_iter, cfg.max_iters)
+        self.model = build_model(cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.iteration = 0
+        self.best: dict[str, Any] = {}
+        self.last_metrics: Optional[dict[str, Any]] = None
+        if state is not None:
+            self._restore(state, self.resumed_from)
+        self.sampler = EpochSampler(len(self.train_set), cfg.seed)
+        self.loader = build_train_loader(self.train_set, cfg, self.sampler)
+        self.val_set = None
+        self._last_table = ""
+        self.log = JsonlLog(self.save_dir / "log.jsonl")
+        self.start_time = time.perf_counter()
+
+    # ------------------------------------------------------------------ resume
+    def _resolve_resume(self) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
+        cfg, existing = self.cfg, list_checkpoints(self.save_dir)
+        if cfg.resume is None:
+            if existing and not cfg.overwrite:
+                raise ConfigError(
+                    f"config key 'save_path': {self.save_dir} already holds checkpoints "
+                    f"({', '.join(p.name for p in existing[:3])}); use --resume auto to continue that run, "
+                    f"--overwrite true to start over there, or another --save_path")
+            return None, None
+        if cfg.resume == "auto":
+            path = latest_checkpoint(self.save_dir)
+            if path is None:
+                if existing and not cfg.overwrite:
+                    raise ConfigError(f"config key 'resume': no readable checkpoint in {self.save_dir} "
+                                      f"(all of {[p.name for p in existing]} are corrupt)")
+                tqdm.write(f"resume auto: no checkpoint in {self.save_dir}, starting a fresh run")
+                return None, None
+        else:
+            path = Path(cfg.resume)
+        return load_checkpoint(path), path
+
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        for key in ("state_dict", "optimizer", "iteration"):
+            if key not in state:
+                raise CheckpointError(f"{path} has no '{key}': not a pspnet.train checkpoint, cannot resume")
+        try:
+            self.model.load_state_dict(strip_module_prefix(state["state_dict"]))
+        except RuntimeError as e:
+            raise RuntimeError(f"checkpoint {path} does not fit the model of this config "
+                               f"(layers/classes/bins changed?): {e}") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        saved_ipe = state.get("iters_per_epoch")
+        if saved_ipe is not None and saved_ipe != self.iters_per_epoch:
+            warnings.warn(f"{path} was trained with {saved_ipe} iterations per epoch, now "
+                          f"{self.iters_per_epoch} (batch_size or dataset changed): epochs are counted anew "
+                          f"from iteration {self.iteration}", stacklevel=2)
+        self.best = dict(state.get("best") or {})
+        self.last_metrics = state.get("metrics")
+        saved_cfg = state.get("config") or {}
+        changed = {k: (saved_cfg[k], v) for k, v in self.cfg.to_dict().items()
+                   if k in saved_cfg and saved_cfg[k] != v and k not in _RESUME_FREE_KEYS}
+        if changed:
+            warnings.warn(f"resuming {path} with changed config keys (saved, now): {changed}", stacklevel=2)
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        set_poly_lr(self.optimizer, self.cfg, self.iteration, self.max_iter)
+        tqdm.write(f"resumed from {path} at iteration {self.iteration}/{self.max_iter}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, name: str, rng: Optional[dict[str, Any]] = None) -> Path:
+        """Atomically write checkpoint ``save_path/name``; epoch checkpoints are then pruned to
+        ``keep_last``. ``rng`` overrides the RNG state stored (default: the current one)."""
+        state = {
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.iteration // self.iters_per_epoch,
+            "iteration": self.iteration,
+            "iters_per_epoch": self.iters_per_epoch,
+            "max_iter": self.max_iter,
+            "config": self.cfg.to_dict(),
+            "rng": rng if rng is not None else get_rng_state(),
+            "best": dict(self.best),
+            "metrics": self.last_metrics,
+        }
+        path = save_checkpoint(self.save_dir / name, state)
+        if name != FINAL_NAME:
+            prune(self.save_dir, self.cfg.keep_last)
+        return path
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, Any]:
+        """Single-scale validation on the ``val`` split (first ``max_val_samples``); logs, prints the
+        per-class table and tracks the best mIoU. Returns the metrics dict."""
+        cfg = self.cfg
+        if self.val_set is None:
+            self.val_set = build_eval_set(cfg, "val", cfg.max_val_samples)
+        t0 = time.perf_counter()
+        metrics = evaluate_dataset(self.model, self.val_set, cfg, scales=[1.0], flip=False, desc="val",
+                                   progress=self.progress)
+        result = metrics.compute()
+        epoch = round(self.iteration / self.iters_per_epoch, 4)
+        self.log.write({"type": "val", "iter": self.iteration, "epoch": epoch, "miou": result["miou"],
+                        "macc": result["macc"], "allacc": result["allacc"], "iou": result["iou"],
+                        "acc": result["acc"], "images": result["num_images"],
+                        "eval_s": round(time.perf_counter() - t0, 3), "elapsed_s": round(self.elapsed(), 3)})
+        base, _ = base_dataset(self.val_set)
+        self._last_table = metrics.table(getattr(base, "classes", None))
+        tqdm.write(f"val @ iter {self.iteration} (epoch {epoch}): {metrics.summary()}\n{self._last_table}")
+        if result["miou"] > self.best.get("miou", -1.0):
+            self.best = {"miou": result["miou"], "macc": result["macc"], "allacc": result["allacc"],
+                         "iter": self.iteration, "epoch": epoch}
+        self.last_metrics = result
+        return result
+
+    # ------------------------------------------------------------------ training
+    def elapsed(self) -> float:
+        """Seconds since this Trainer was built."""
+        return time.perf_counter() - self.start_time
+
+    def _log_train(self, window: _Window, lr: float) -> None:
+        n = max(window.n, 1)
+        row = {"type": "train", "iter": self.iteration, "epoch": round(self.iteration / self.iters_per_epoch, 4),
+               "loss": window.loss / n, "main_loss": window.main / n, "aux_loss": window.aux / n, "lr": lr,
+               "images_per_s": round(window.images_per_s(), 3), "elapsed_s": round(self.elapsed(), 3)}
+        self.log.write(row)
+
+    def _train_epoch(self, epoch: int, skip: int) -> None:
+        cfg = self.cfg
+        n_epochs = math.ceil(self.max_iter / self.iters_per_epoch)
+        remaining = min(self.iters_per_epoch, self.max_iter - epoch * self.iters_per_epoch)
+        bar = tqdm(total=remaining, initial=skip, desc=f"epoch {epoch + 1}/{n_epochs}", unit="it",
+                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        window, epoch_loss, epoch_n = _Window(), 0.0, 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.model.train()
+        for images, labels in self.loader:
+            _, main_loss, aux_loss = self.model(images, labels)
+            loss = main_loss + cfg.aux_weight * aux_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at iteration {self.iteration + 1} "
+                                         f"(lr {lr:.3g}); try a lower --base_lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.iteration += 1
+            lr = set_poly_lr(self.optimizer, cfg, self.iteration, self.max_iter)
+            values = (loss.item(), main_loss.item(), aux_loss.item())
+            window.add(*values, images=images.shape[0])
+            epoch_loss, epoch_n = epoch_loss + values[0], epoch_n + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{values[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{window.images_per_s():.2f}")
+            if self.iteration % cfg.log_freq == 0 or self.iteration >= self.max_iter:
+                self._log_train(window, lr)
+                window.reset()
+            if self.iteration >= self.max_iter:
+                break
+        bar.close()
+        if epoch_n:
+            tqdm.write(f"epoch {epoch + 1}/{n_epochs} iter {self.iteration}/{self.max_iter} "
+                       f"loss {epoch_loss / epoch_n:.4f} lr {lr:.3e} elapsed {self.elapsed():.0f}s")
+
+    def run(self) -> Path:
+        """Train up to ``max_iter`` iterations, then save ``final.pth``, validate and write
+        ``final_metrics.{json,md}`` in ``save_path``.
+
+        Returns:
+            the path of ``final.pth``.
+        Raises:
+            FloatingPointError: the loss became NaN/inf (nothing is saved for that iteration).
+        """
+        cfg = self.cfg
+        self.log.write({"type": "start", "iter": self.iteration, "max_iter": self.max_iter,
+                        "iters_per_epoch": self.iters_per_epoch, "train_images": len(self.train_set),
+                        "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "torch_threads": torch.get_num_threads(),
+                        "classes": list(getattr(base_dataset(self.train_set)[0], "classes", [])),
+                        "config": cfg.to_dict()})
+        tqdm.write(f"training PSPNet-{cfg.layers} (fused={cfg.fused}) on {len(self.train_set)} images: "
+                   f"{self.iters_per_epoch} iterations/epoch, iterations {self.iteration + 1}..{self.max_iter}, "
+                   f"batch {cfg.batch_size}, {torch.get_num_threads()} threads -> {self.save_dir}")
+        if self.iteration >= self.max_iter:
+            tqdm.write(f"nothing to train: already at iteration {self.iteration} of {self.max_iter}")
+        while self.iteration < self.max_iter:
+            epoch = self.iteration // self.iters_per_epoch
+            skip = self.iteration - epoch * self.iters_per_epoch
+            self.sampler.set_epoch(epoch, skip * cfg.batch_size)
+            self._train_epoch(epoch, skip)
+            done = self.iteration // self.iters_per_epoch
+            if self.iteration % self.iters_per_epoch == 0 and self.iteration < self.max_iter:
+                if done % cfg.save_freq == 0:
+                    tqdm.write(f"saved {self.save(epoch_checkpoint_name(done))}")
+                if cfg.eval_freq and done % cfg.eval_freq == 0:
+                    self.validate()
+        rng = get_rng_state()
+        final = self.save(FINAL_NAME, rng)
+        result = self.validate()
+        self.save(FINAL_NAME, rng)  # again, now holding the final metrics
+        write_report(self.save_dir, "final_metrics", result, self._last_table,
+                     {"checkpoint": str(final), "iteration": self.iteration, "split": "val",
+                      "scales": [1.0], "flip": False})
+        print(f"final checkpoint: {final}")
+        return final
