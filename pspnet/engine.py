@@ -68,10 +68,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """``pspnet.models.PSPNet`` from the config's model fields (layers, classes, bins, dropout,
-    zoom_factor, aux_weight, fused)."""
+    zoom_factor, aux_weight, fused), in channels_last memory format when ``cfg.channels_last``."""
     from pspnet.models import PSPNet
-    return PSPNet(layers=cfg.layers, classes=cfg.classes, bins=tuple(cfg.bins), dropout=cfg.dropout,
-                  zoom_factor=cfg.zoom_factor, aux_weight=cfg.aux_weight, fused=cfg.fused)
+    model = PSPNet(layers=cfg.layers, classes=cfg.classes, bins=tuple(cfg.bins), dropout=cfg.dropout,
+                   zoom_factor=cfg.zoom_factor, aux_weight=cfg.aux_weight, fused=cfg.fused)
+    return model.to(memory_format=memory_format(cfg))
+
+
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    """The memory format the config asks the model and its inputs to use."""
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 BACKBONE = ("layer0", "layer1", "layer2", "layer3", "layer4")

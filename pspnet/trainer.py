@@ -19,8 +19,8 @@ from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, lat
                          load_checkpoint, prune, save_checkpoint, strip_module_prefix)
 from .config import ConfigError, TrainConfig
 from .engine import (EpochSampler, JsonlLog, base_dataset, build_eval_set, build_model, build_optimizer,
-                     build_train_loader, build_train_set, evaluate_dataset, get_rng_state, set_poly_lr, set_rng_state,
-                     set_seed, write_report)
+                     build_train_loader, build_train_set, evaluate_dataset, get_rng_state, memory_format, set_poly_lr,
+                     set_rng_state, set_seed, write_report)
 
 __all__ = ["Trainer"]
 
@@ -86,6 +86,7 @@ class Trainer:
         if cfg.max_iters is not None:
             self.max_iter = min(self.max_iter, cfg.max_iters)
         self.model = build_model(cfg)
+        self.memory_format = memory_format(cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.iteration = 0
         self.best: dict[str, Any] = {}
@@ -217,6 +218,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
         for images, labels in self.loader:
+            images = images.contiguous(memory_format=self.memory_format)
             _, main_loss, aux_loss = self.model(images, labels)
             loss = main_loss + cfg.aux_weight * aux_loss
             if not torch.isfinite(loss):

@@ -4,7 +4,7 @@
 #   bash scripts/run.sh test    run the test suite
 # Extra arguments after the job name go to pytest (test) or to `python -m pspnet.train` (train).
 # Environment: PYTHON (default python3), CAMVID_ROOT (default ../shared/data/camvid), RUN_DIR (default
-# runs/camvid).
+# runs/camvid-<date>-<time>: a new folder per run, so no earlier run is overwritten).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -29,7 +29,7 @@ case "$job" in
     train)
         setup
         data=${CAMVID_ROOT:-../shared/data/camvid}
-        out=${RUN_DIR:-runs/camvid}
+        out=${RUN_DIR:-runs/camvid-$(date +%Y%m%d-%H%M%S)}
         "$PY" -m pspnet.train --config configs/camvid.yaml --data_root "$data" --save_path "$out" "$@"
         "$PY" -m pspnet.evaluate --config configs/camvid.yaml --data_root "$data" \
             --checkpoint "$out/final.pth" --split val --save-dir "$out/eval"

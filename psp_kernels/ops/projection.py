@@ -39,17 +39,19 @@ def _(pooled, weights, gammas, betas, running_means, running_vars, bins, trainin
 def _project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor,
                       weights: list[torch.Tensor], gammas: list[torch.Tensor], betas: list[torch.Tensor],
                       mean: torch.Tensor, var: torch.Tensor, bins: Sequence[int], training: bool, eps: float
-                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns grad_pooled [N, C, S] and the per-bin parameter gradients stacked: [nb, R, C], [nb, R], [nb, R]."""
     grad_pooled, grad_w, grad_gamma, grad_beta = resolve(grad_out.device).project_backward(
         grad_out.contiguous(), pooled, z, weights, gammas, betas, mean, var, list(bins), training, eps)
-    cast = lambda grads, params: [g.to(p.dtype) for g, p in zip(grads, params)]  # noqa: E731
-    return grad_pooled, cast(grad_w, weights), cast(grad_gamma, gammas), cast(grad_beta, betas)
+    stack = lambda grads: torch.stack([g.reshape(g.shape[0], -1).squeeze(-1).to(z.dtype) for g in grads])  # noqa: E731
+    return grad_pooled, stack(grad_w), stack(grad_gamma), stack(grad_beta)
 
 
 @_project_backward.register_fake
 def _(grad_out, pooled, z, weights, gammas, betas, mean, var, bins, training, eps):
-    like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
-    return torch.empty_like(pooled), like(weights), like(gammas), like(betas)
+    nb, (r, c), acc = len(bins), weights[0].shape[:2], z.dtype
+    return (torch.empty_like(pooled), z.new_empty(nb, r, c, dtype=acc), z.new_empty(nb, r, dtype=acc),
+            z.new_empty(nb, r, dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
@@ -66,6 +68,8 @@ def _backward(ctx, grad_out, _gz, _gmean, _gvar):
     weights, gammas, betas = params[:nb], params[nb:2 * nb], params[2 * nb:]
     grad_pooled, grad_w, grad_gamma, grad_beta = _project_backward(
         grad_out, pooled, z, weights, gammas, betas, mean, var, ctx.bins, ctx.training, ctx.eps)
+    unstack = lambda grads, params: [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params)]  # noqa: E731
+    grad_w, grad_gamma, grad_beta = unstack(grad_w, weights), unstack(grad_gamma, gammas), unstack(grad_beta, betas)
     no_grad = [None] * nb  # running statistics are buffers
     return grad_pooled, grad_w, grad_gamma, grad_beta, no_grad, no_grad, None, None, None
 
