@@ -53,38 +53,24 @@ def intersection_and_union(pred: ArrayLike, target: ArrayLike, num_classes: int,
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor):
-        pred_t = torch.as_tensor(pred)
-        target_t = torch.as_tensor(target, device=pred_t.device)
-        for name, t in (("pred", pred_t), ("target", target_t)):
-            if t.is_floating_point() or t.is_complex():
-                raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
-        pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
-        _check_values("pred", pred_t, num_classes, ignore_index)
-        _check_values("target", target_t, num_classes, ignore_index)
-        valid = target_t != ignore_index
-        pred_v, target_v = pred_t[valid], target_t[valid]
-        pred_v = pred_v[pred_v != ignore_index]
-        inter = target_t[valid & (pred_t == target_t)]
-        area_i = torch.bincount(inter, minlength=num_classes)
-        area_o = torch.bincount(pred_v, minlength=num_classes)
-        area_t = torch.bincount(target_v, minlength=num_classes)
-        return area_i, area_o + area_t - area_i, area_t
-    pred_a, target_a = np.asarray(pred), np.asarray(target)
-    for name, a in (("pred", pred_a), ("target", target_a)):
-        if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
-            raise ValueError(f"{name} must have an integer dtype, got {a.dtype}")
-    pred_a, target_a = pred_a.reshape(-1).astype(np.int64), target_a.reshape(-1).astype(np.int64)
-    _check_values("pred", pred_a, num_classes, ignore_index)
-    _check_values("target", target_a, num_classes, ignore_index)
-    valid = target_a != ignore_index
-    pred_v, target_v = pred_a[valid], target_a[valid]
+    numpy_in = not (isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor))
+    pred_t = torch.as_tensor(np.asarray(pred) if numpy_in else pred)
+    target_t = torch.as_tensor(np.asarray(target) if numpy_in else target, device=pred_t.device)
+    for name, t in (("pred", pred_t), ("target", target_t)):
+        if t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
+    pred_t, target_t = pred_t.reshape(-1).long(), target_t.reshape(-1).long()
+    _check_values("pred", pred_t, num_classes, ignore_index)
+    _check_values("target", target_t, num_classes, ignore_index)
+    valid = target_t != ignore_index
+    pred_v, target_v = pred_t[valid], target_t[valid]
     pred_v = pred_v[pred_v != ignore_index]
-    inter = target_a[valid & (pred_a == target_a)]
-    area_i = np.bincount(inter, minlength=num_classes).astype(np.int64)
-    area_o = np.bincount(pred_v, minlength=num_classes).astype(np.int64)
-    area_t = np.bincount(target_v, minlength=num_classes).astype(np.int64)
-    return area_i, area_o + area_t - area_i, area_t
+    inter = target_t[valid & (pred_t == target_t)]
+    area_i = torch.bincount(inter, minlength=num_classes)
+    area_o = torch.bincount(pred_v, minlength=num_classes)
+    area_t = torch.bincount(target_v, minlength=num_classes)
+    areas = (area_i, area_o + area_t - area_i, area_t)
+    return tuple(a.numpy() for a in areas) if numpy_in else areas
 
 
 class SegmentationMetrics:

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 job=${1:-}
 [ $# -gt 0 ] && shift
 
@@ -17,8 +18,14 @@ setup() {
         "$PY" -m pip install --quiet torch==2.13.0
     fi
     "$PY" -m pip install --quiet -r requirements.txt
-    # Builds psp_kernels._C in place (ninja, incremental); --no-deps keeps pip away from torch.
-    "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+    # Builds psp_kernels._C in place; --no-deps keeps pip away from torch. Skipped when the package is
+    # installed and the built extension is newer than every C++ source and setup.py.
+    local so
+    so=$(ls psp_kernels/_C*.so 2>/dev/null | head -n 1)
+    if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null)" ] \
+            || ! "$PY" -m pip show --quiet psp-kernels >/dev/null 2>&1; then
+        "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+    fi
 }
 
 case "$job" in

@@ -297,3 +297,29 @@ def test_bad_input_names_the_argument(call, error, match):
 def test_backend_mismatch_is_explained():
     with pytest.raises(RuntimeError, match="backend 'cpp' needs CPU tensors"):
         psp_kernels.backends.resolve(torch.device("cuda"), "cpp")
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch):
+    """No built _C and no JIT: the package still works on CPU through the reference, and says so once."""
+    import sys
+    import warnings
+
+    from psp_kernels import _extension, backends
+
+    monkeypatch.setitem(sys.modules, "psp_kernels._C", None)  # makes `from . import _C` raise ImportError
+    monkeypatch.setenv("PSP_KERNELS_NO_JIT", "1")
+    _extension.load_extension.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert backends.resolve(torch.device("cpu"), "auto") is psp_kernels.reference
+            assert backends.resolve(torch.device("cpu"), "auto") is psp_kernels.reference
+            ours, ref = make_ppm(8, (1, 2, 3, 6))
+            x = make_x(2, 8, 7, 9)
+            torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+        messages = [str(w.message) for w in caught if "psp_kernels._C is not built" in str(w.message)]
+        assert len(messages) == 1 and "PyTorch reference" in messages[0]
+        with pytest.raises(RuntimeError, match="backend 'cpp' requested but the C\\+\\+ extension"):
+            backends.resolve(torch.device("cpu"), "cpp")
+    finally:
+        _extension.load_extension.cache_clear()

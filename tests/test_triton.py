@@ -30,6 +30,7 @@ from psp_kernels import reference as ref  # noqa: E402
 from psp_kernels import triton as tri  # noqa: E402
 from psp_kernels.geometry import packed_size  # noqa: E402
 from psp_kernels.triton import pooling as tpool  # noqa: E402
+from psp_kernels.triton.common import SIG_DTYPE  # noqa: E402
 from psp_kernels.triton import projection as tproj  # noqa: E402
 from psp_kernels.triton import upsample as tup  # noqa: E402
 
@@ -361,7 +362,7 @@ class _Recorder:
 def _launch_matches(cfg, args, kw):
     """A registered config with exactly the launch's constexprs, num_warps and pointer dtypes."""
     sig = list(cfg.signature.values())
-    ptr_ok = all(sig[i] == "*" + tpool.SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    ptr_ok = all(sig[i] == "*" + SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
     consts = {k: v for k, v in kw.items() if k not in ("num_warps", "DOT_UPCAST")}
     return ptr_ok and cfg.num_warps == kw["num_warps"] and all(cfg.constexprs.get(k) == v for k, v in consts.items())
 

@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 
 from . import pooling, projection, upsample
-from .pooling import CompileConfig, pool_backward, pool_forward
+from .common import CompileConfig
+from .pooling import pool_backward, pool_forward
 from .projection import project_backward, project_forward
 from .upsample import upsample_backward, upsample_forward
 

@@ -32,14 +32,10 @@ second (about 27 FMA at W = 90 for the default bins); fp32 runs both with input_
 When H and W are multiples of every bin (60, 90 with bins 1/2/3/6) the windows nest and a finer cell
 table would do (performance.md, design b).
 
-This module also holds the small helpers shared by the other Triton launchers (dtype maps, interpreter
-detection, :class:`CompileConfig` for the compile-only test).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
@@ -48,67 +44,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets, packed_size, window
-
-# --------------------------------------------------------------------------------------------------
-# Shared launcher helpers (also used by projection.py / upsample.py)
-# --------------------------------------------------------------------------------------------------
-
-TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-            torch.float64: tl.float64, torch.int32: tl.int32}
-SIG_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-             torch.int32: "i32"}
-
-
-def interpreting() -> bool:
-    """True when kernels run in the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def dot_upcast(dtype: torch.dtype) -> bool:
-    """Whether a kernel must feed ``tl.dot`` fp32 instead of ``dtype`` operands.
-
-    The interpreter computes bf16 ``tl.dot`` wrongly; the upcast is exact for the products our kernels
-    form (0/1 masks, or bf16 x bf16 products that fit fp32), so it only changes the summation order.
-    """
-    return dtype == torch.bfloat16 and interpreting()
-
-
-def pow2(n: int, lo: int = 16) -> int:
-    """Next power of two >= max(n, lo) (tl.dot needs every block dim >= 16)."""
-    return max(lo, triton.next_power_of_2(max(1, n)))
-
-
-def acc_tl(dtype: torch.dtype):
-    """Triton accumulation dtype for a storage dtype: fp64 for fp64, else fp32."""
-    return TL_DTYPE[acc_dtype(dtype)]
-
-
-def flat_hw_stride(t: torch.Tensor) -> int:
-    """Stride of the flattened (h, w) index of a 4-D NCHW or channels_last tensor.
-
-    Both layouts have ``stride(h) == W * stride(w)``, so element (h, w) sits at ``(h*W + w) * s_hw``;
-    asserted here (size-1 dims may carry any stride).
-    """
-    _, _, h, w = t.shape
-    if h == 1:
-        return t.stride(3)
-    if w == 1:
-        return t.stride(2)
-    assert t.stride(2) == w * t.stride(3), f"unsupported strides {t.stride()} for shape {tuple(t.shape)}"
-    return t.stride(3)
-
-
-@dataclass(frozen=True)
-class CompileConfig:
-    """One compile-only specialisation of a kernel: ASTSource signature/constexprs plus launch options."""
-
-    name: str
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
-    options: dict = field(default_factory=dict)
-
+from .common import SIG_DTYPE, CompileConfig, acc_tl, dot_upcast, flat_hw_stride, load_cell_tables, pow2
 
 # --------------------------------------------------------------------------------------------------
 # Bin tables
@@ -184,13 +120,7 @@ def _pool_fwd_kernel(
     offs_c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
 
-    q = tl.arange(0, S_PAD)
-    rs = tl.load(cell_ptr + q)
-    re = tl.load(cell_ptr + S_PAD + q)
-    colidx = tl.load(cell_ptr + 2 * S_PAD + q)
-    jc = tl.arange(0, J_PAD)
-    cs = tl.load(col_ptr + jc)
-    ce = tl.load(col_ptr + J_PAD + jc)
+    q, rs, re, colidx, jc, cs, ce = load_cell_tables(cell_ptr, col_ptr, S_PAD, J_PAD)
     # RowSel_h[jc, q] = [colidx_q == jc] * [rs_q <= h < re_q]; the first factor is h-independent.
     same_col = colidx[None, :] == jc[:, None]                            # [J_PAD, S_PAD]
 
@@ -284,13 +214,7 @@ def _pool_bwd_kernel(
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
 
-    q = tl.arange(0, S_PAD)
-    rs = tl.load(cell_ptr + q)
-    re = tl.load(cell_ptr + S_PAD + q)
-    colidx = tl.load(cell_ptr + 2 * S_PAD + q)
-    jc = tl.arange(0, J_PAD)
-    cs = tl.load(col_ptr + jc)
-    ce = tl.load(col_ptr + J_PAD + jc)
+    q, rs, re, colidx, jc, cs, ce = load_cell_tables(cell_ptr, col_ptr, S_PAD, J_PAD)
     same_col = colidx[:, None] == jc[None, :]                            # [S_PAD, J_PAD]
 
     row = (n.to(tl.int64) * C + offs_c.to(tl.int64)) * S

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets
-from .pooling import SIG_DTYPE, CompileConfig, acc_tl, dot_upcast
+from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, dot_upcast
 
 _BIN_CACHE: dict = {}
 
@@ -61,6 +61,12 @@ def _stack_bn(gammas, betas, mean, var, eps: float, dtype: torch.dtype) -> torch
 
 
 @triton.jit
+def _relu(y):
+    # NaN-propagating ReLU, as torch.relu: tl.maximum's default would turn a NaN into 0.
+    return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _inv_std(var, eps, ACC_DTYPE: tl.constexpr):
     """1 / sqrt(var + eps), correctly rounded sqrt (tl.sqrt_rn is fp32-only; fp64 tl.sqrt is exact)."""
     if ACC_DTYPE == tl.float64:
@@ -90,12 +96,7 @@ def _project_fwd_kernel(
     # Decomposition: one program per (bin k, block of BLOCK_R output channels), looping over all
     # M_k = N*b*b rows in BLOCK_M tiles and over C in BLOCK_K steps (fixed order -> deterministic stats).
     pid = tl.program_id(0)
-    n_rblocks = tl.cdiv(R, BLOCK_R)
-    k = pid // n_rblocks
-    offs_r = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    b = tl.load(bin_ptr + k)
-    off = tl.load(bin_ptr + NB + k)
+    k, offs_r, mask_r, b, off = bin_channel_block(pid, R, bin_ptr, NB, BLOCK_R)
     bb = b * b
     M = N * bb
 
@@ -136,7 +137,7 @@ def _project_fwd_kernel(
             zsum += tl.sum(acc, axis=0)          # masked rows/cols are exact zeros
         else:
             y = acc * scale[None, :] + shift[None, :]
-            tl.store(out_ptr + z_off, tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty), mask=mask_mr)
+            tl.store(out_ptr + z_off, _relu(y).to(out_ptr.dtype.element_ty), mask=mask_mr)
 
     if TRAINING:
         # Every z element re-read below was written by this program: a CTA barrier makes the global
@@ -163,7 +164,7 @@ def _project_fwd_kernel(
             mask_mr = mask_m[:, None] & mask_r[None, :]
             zt = tl.load(z_ptr + z_off, mask=mask_mr, other=0.0)
             y = zt * scale[None, :] + shift[None, :]
-            tl.store(out_ptr + z_off, tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty), mask=mask_mr)
+            tl.store(out_ptr + z_off, _relu(y).to(out_ptr.dtype.element_ty), mask=mask_mr)
     tl.store(mean_ptr + k * R + offs_r, mean, mask=mask_r)
     tl.store(var_ptr + k * R + offs_r, var, mask=mask_r)
 
@@ -244,12 +245,7 @@ def _bn_bwd_kernel(
     # Decomposition: one program per (bin k, block of BLOCK_R channels) over all M_k rows: pass 1
     # reduces dbeta = sum g and dgamma = sum g*xhat (g = grad_out masked by ReLU), pass 2 writes dz.
     pid = tl.program_id(0)
-    n_rblocks = tl.cdiv(R, BLOCK_R)
-    k = pid // n_rblocks
-    offs_r = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    b = tl.load(bin_ptr + k)
-    off = tl.load(bin_ptr + NB + k)
+    k, offs_r, mask_r, b, off = bin_channel_block(pid, R, bin_ptr, NB, BLOCK_R)
     bb = b * b
     M = N * bb
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets, is_channels_last
-from .pooling import SIG_DTYPE, CompileConfig, acc_tl, flat_hw_stride, pow2
+from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, flat_hw_stride, pow2
 
 _TABLE_CACHE: dict = {}
 
@@ -164,12 +164,7 @@ def _upsample_bwd_kernel(
     # then the row is added to cells (h0, j), (h1, j) with weights (1 - lambda_h, lambda_h).
     pid = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    n_rblocks = tl.cdiv(R, BLOCK_R)
-    k = pid // n_rblocks
-    offs_r = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    b = tl.load(bin_ptr + k)
-    off = tl.load(bin_ptr + NB + k)
+    k, offs_r, mask_r, b, off = bin_channel_block(pid, R, bin_ptr, NB, BLOCK_R)
     scale_h = tl.load(scale_ptr + k)
     scale_w = tl.load(scale_ptr + NB + k)
     ii = tl.arange(0, BI_PAD)

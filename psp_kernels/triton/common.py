@@ -1,0 +1,92 @@
+"""Helpers shared by the Triton launchers and kernels: dtype maps, interpreter detection, block sizes,
+:class:`CompileConfig` (the compile-only test's specialisations), and the kernels' common prologues."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from ..geometry import acc_dtype
+
+
+TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64, torch.int32: tl.int32}
+SIG_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+             torch.int32: "i32"}
+
+
+def interpreting() -> bool:
+    """True when kernels run in the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether a kernel must feed ``tl.dot`` fp32 instead of ``dtype`` operands.
+
+    The interpreter computes bf16 ``tl.dot`` wrongly; the upcast is exact for the products our kernels
+    form (0/1 masks, or bf16 x bf16 products that fit fp32), so it only changes the summation order.
+    """
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """Next power of two >= max(n, lo) (tl.dot needs every block dim >= 16)."""
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def acc_tl(dtype: torch.dtype):
+    """Triton accumulation dtype for a storage dtype: fp64 for fp64, else fp32."""
+    return TL_DTYPE[acc_dtype(dtype)]
+
+
+def flat_hw_stride(t: torch.Tensor) -> int:
+    """Stride of the flattened (h, w) index of a 4-D NCHW or channels_last tensor.
+
+    Both layouts have ``stride(h) == W * stride(w)``, so element (h, w) sits at ``(h*W + w) * s_hw``;
+    asserted here (size-1 dims may carry any stride).
+    """
+    _, _, h, w = t.shape
+    if h == 1:
+        return t.stride(3)
+    if w == 1:
+        return t.stride(2)
+    assert t.stride(2) == w * t.stride(3), f"unsupported strides {t.stride()} for shape {tuple(t.shape)}"
+    return t.stride(3)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """One compile-only specialisation of a kernel: ASTSource signature/constexprs plus launch options."""
+
+    name: str
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    options: dict = field(default_factory=dict)
+
+
+@triton.jit
+def bin_channel_block(pid, R, bin_ptr, NB: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program id -> (bin k, channel offsets and mask of its BLOCK_R block, bin size b, packed offset).
+
+    Grid layout shared by the per-(bin, channel block) kernels; ``bin_ptr`` holds sizes then offsets.
+    """
+    n_rblocks = tl.cdiv(R, BLOCK_R)
+    k = pid // n_rblocks
+    offs_r = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return k, offs_r, offs_r < R, tl.load(bin_ptr + k), tl.load(bin_ptr + NB + k)
+
+
+@triton.jit
+def load_cell_tables(cell_ptr, col_ptr, S_PAD: tl.constexpr, J_PAD: tl.constexpr):
+    """The pooling tables: per packed cell its row window [rs, re) and column cell; per column cell
+    its column window [cs, ce) (see pooling.py)."""
+    q = tl.arange(0, S_PAD)
+    jc = tl.arange(0, J_PAD)
+    return (q, tl.load(cell_ptr + q), tl.load(cell_ptr + S_PAD + q), tl.load(cell_ptr + 2 * S_PAD + q),
+            jc, tl.load(col_ptr + jc), tl.load(col_ptr + J_PAD + jc))
