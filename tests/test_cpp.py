@@ -9,11 +9,8 @@ NCHW vs channels_last), and that invalid internal arguments raise instead of cra
 
 from __future__ import annotations
 
-import glob
 import inspect
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,6 @@ import torch
 from psp_kernels import reference as ref
 from psp_kernels.geometry import packed_size
 
-ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS = ("pool_forward", "pool_backward", "project_forward", "project_backward",
              "upsample_forward", "upsample_backward")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -35,18 +31,11 @@ EPS = 1e-5
 
 @pytest.fixture(scope="module")
 def ext():
-    """The compiled extension: the installed ``psp_kernels._C`` if there is one, else a JIT build."""
-    try:
-        from psp_kernels import _C  # type: ignore[attr-defined]
-        return _C
-    except ImportError:
-        pass
-    from torch.utils.cpp_extension import load
-    build = Path(tempfile.gettempdir()) / "psp_kernels_C_dev_build"
-    build.mkdir(exist_ok=True)
-    sources = sorted(glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp"))) + [str(ROOT / "csrc" / "bindings.cpp")]
-    return load(name="psp_kernels_C_dev", sources=sources, extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    """The compiled extension as the package finds it (built by setup.py, else a JIT build of csrc/)."""
+    from psp_kernels._extension import load_extension
+    module = load_extension()
+    assert module is not None, "psp_kernels._C could not be built or loaded (see the warning)"
+    return module
 
 
 @pytest.fixture

@@ -194,7 +194,9 @@ def test_one_value_per_channel_in_training_raises_like_pytorch(backend):
                                    (2, 3, 7, 6, (1, 3, 5))], ids=lambda s: "x".join(map(str, s[:4])))
 def test_gradcheck_fp64(backend, shape, layout):
     n, c, h, w, bins = shape
-    fast = h * w > 100  # random-projection gradcheck on the larger map keeps the suite quick
+    # Random-projection gradcheck on the larger map, and on Triton (interpreted kernels are slow; its
+    # gradients are also pinned to the reference backward at 1e-12 in test_triton.py).
+    fast = h * w > 100 or backend == "triton"
     x = make_x(n, c, h, w, layout=layout).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: multibin_avg_pool(t, bins), (x,), fast_mode=fast)
     branches = torch.randn(n, 2, packed_size(bins), dtype=torch.float64, requires_grad=True)
