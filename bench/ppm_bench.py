@@ -74,6 +74,19 @@ def runners(impls, x, g, train):
     return {name: make(m, cl) for name, (m, cl) in impls.items()}
 
 
+def drop_failing(fns, train):
+    """Run every impl once; remove (and report) those that raise, e.g. a torch.compile backend error."""
+    failures = {}
+    for name, fn in list(fns.items()):
+        try:
+            with torch.no_grad() if not train else torch.enable_grad():
+                fn()
+        except Exception as err:  # noqa: BLE001 - a failing baseline is a result, not a crash
+            failures[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+            del fns[name]
+    return failures
+
+
 def check(fns, oracle, x, g, train):
     """Relative error vs the fp64 oracle and bitwise determinism of two runs, per impl."""
     oracle.train(train)
@@ -100,9 +113,10 @@ def run(args):
     g = torch.randn(n, c + 4 * (c // 4), s, s, device=device, dtype=dtype)
     p_bytes = x.numel() * x.element_size()
     copy_bw = copy_bandwidth_gbps(device)
-    rows = []
+    rows, failures = [], {}
     for mode, train in (("fwd", False), ("fwd+bwd", True)):
         fns = runners(impls, x, g, train)
+        failures.update({f"{name} {mode}": why for name, why in drop_failing(fns, train).items()})
         quality = check(fns, oracle, x, g, train)
         with torch.no_grad() if not train else torch.enable_grad():
             times = interleaved(fns, device, args.rounds, args.reps)
@@ -113,10 +127,12 @@ def run(args):
                    **t, "model_bytes": model_bytes, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_bw,
                    "copy_bw_gbps": copy_bw, **quality[name],
                    "speedup_vs_eager": times["eager_nchw"]["median_ms"] / t["median_ms"]}
-            if "compile" in times:
+            if "compile" in times:  # absent when compile failed for this mode
                 row["speedup_vs_compile"] = times["compile"]["median_ms"] / t["median_ms"]
             rows.append(row)
-    return rows, environment(device)
+    env = environment(device)
+    env["failed"] = failures
+    return rows, env
 
 
 def markdown(rows, env):
@@ -127,8 +143,9 @@ def markdown(rows, env):
         f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) | {r['gbps']:.1f} | {r['pct_copy_bw']:.1f} | "
         f"{r['speedup_vs_eager']:.2f} | {r.get('speedup_vs_compile', float('nan')):.2f} | {r['rel_err']:.1e} | "
         f"{'yes' if r['deterministic_bitwise'] else 'no'} |\n" for r in rows)
-    meta = ", ".join(f"{k} {v}" for k, v in env.items())
-    return f"{head}{body}\nCopy bandwidth (read+write) {rows[0]['copy_bw_gbps']:.1f} GB/s. {meta}\n"
+    meta = ", ".join(f"{k} {v}" for k, v in env.items() if k != "failed")
+    failed = "".join(f"\nFailed, not timed: {name}: {why}" for name, why in env["failed"].items())
+    return f"{head}{body}\nCopy bandwidth (read+write) {rows[0]['copy_bw_gbps']:.1f} GB/s. {meta}\n{failed}\n"
 
 
 def plot(rows, path):
@@ -140,7 +157,8 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(impls)
     for k, impl in enumerate(impls):
-        values = [next(r["speedup_vs_eager"] for r in rows if r["case"] == c and r["impl"] == impl) for c in cases]
+        values = [next((r["speedup_vs_eager"] for r in rows if r["case"] == c and r["impl"] == impl), 0.0)
+                  for c in cases]  # 0: that impl failed for the case (listed in the .md)
         ax.bar([i + k * width for i in range(len(cases))], values, width, label=impl)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))], cases)
     ax.set_ylabel("speedup over eager NCHW")
