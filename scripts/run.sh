@@ -21,7 +21,7 @@ setup() {
     # Builds psp_kernels._C in place; --no-deps keeps pip away from torch. Skipped when the package is
     # installed and the built extension is newer than every C++ source and setup.py.
     local so
-    so=$(ls psp_kernels/_C*.so 2>/dev/null | head -n 1)
+    so=$(ls psp_kernels/_C*.so 2>/dev/null | head -n 1 || true)
     if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null)" ] \
             || ! "$PY" -m pip show --quiet psp-kernels >/dev/null 2>&1; then
         "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
