@@ -16,14 +16,13 @@ import os
 import re
 import tempfile
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 __all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "prune", "strip_module_prefix", "epoch_checkpoint_name", "FINAL_NAME"]
+           "prune", "epoch_checkpoint_name", "FINAL_NAME"]
 
 PathLike = Union[str, os.PathLike]
 FINAL_NAME = "final.pth"
@@ -199,9 +198,3 @@ def prune(directory: PathLike, keep_last: int) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
-
-
-def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> "OrderedDict[str, Any]":
-    """Copy of ``state_dict`` with a leading ``module.`` (DataParallel/DDP, semseg checkpoints) removed
-    from every key that has it; other keys are kept as they are."""
-    return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v) for k, v in state_dict.items())

@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, prune, save_checkpoint, strip_module_prefix)
+                         load_checkpoint, prune, save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .engine import (EpochSampler, JsonlLog, base_dataset, build_eval_set, build_model, build_optimizer,
                      build_train_loader, build_train_set, evaluate_dataset, get_rng_state, memory_format, set_poly_lr,
                      set_rng_state, set_seed, write_report)
+from .models import load_state_dict
 
 __all__ = ["Trainer"]
 
@@ -127,7 +128,7 @@ class Trainer:
             if key not in state:
                 raise CheckpointError(f"{path} has no '{key}': not a pspnet.train checkpoint, cannot resume")
         try:
-            self.model.load_state_dict(strip_module_prefix(state["state_dict"]))
+            load_state_dict(self.model, state["state_dict"])
         except RuntimeError as e:
             raise RuntimeError(f"checkpoint {path} does not fit the model of this config "
                                f"(layers/classes/bins changed?): {e}") from e

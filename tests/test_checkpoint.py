@@ -2,14 +2,13 @@
 
 import os
 import stat
-from collections import OrderedDict
 
 import pytest
 import torch
 
 import pspnet.checkpoint as ckpt
 from pspnet.checkpoint import (CheckpointError, atomic_write, latest_checkpoint, load_checkpoint, prune,
-                               save_checkpoint, strip_module_prefix)
+                               save_checkpoint)
 
 
 def _state(value: float, iteration: int = 0):
@@ -105,8 +104,3 @@ def test_prune_keeps_newest_and_never_touches_others(tmp_path):
     assert prune(tmp_path / "missing", keep_last=1) == []
 
 
-def test_strip_module_prefix():
-    sd = OrderedDict([("module.layer0.0.weight", 1), ("cls.4.bias", 2), ("module.module.x", 3)])
-    out = strip_module_prefix(sd)
-    assert list(out) == ["layer0.0.weight", "cls.4.bias", "module.x"]
-    assert list(out.values()) == [1, 2, 3]
