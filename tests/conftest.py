@@ -1,11 +1,15 @@
-"""Test-session setup: the Triton interpreter for CPU tensors, and shared fixtures.
+"""Test-session setup: the Triton interpreter for CPU tensors, a fresh Inductor cache, shared fixtures.
 
 ``TRITON_INTERPRET=1`` must be set before anything imports triton, so it is set here, at collection.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per session: its FX-graph cache key does not cover a custom op's schema, so code
+# compiled against an older psp:: schema would otherwise be reused (seen with torch 2.13.0).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="psp-inductor-"))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
