@@ -18,13 +18,21 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# nvcc flags of the CUDA kernels (csrc/cuda/*.cu): cubins for A100 (sm_80) and H100/H200 (sm_90), plus
+# sm_90 PTX so that newer GPUs can JIT it. Passing -gencode stops torch from adding its own arch flags.
+NVCC_FLAGS = ["-O3", "-lineinfo", "-DPSP_WITH_CUDA",
+              "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_90,code=sm_90",
+              "-gencode=arch=compute_90,code=compute_90"]
+
+
 def extension():
     sources = _sources("csrc/cpu/*.cpp") + ["csrc/bindings.cpp"]
     cxx = ["-O3", "-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") if torch.version.cuda else []
     if cuda_sources:
         return CUDAExtension("psp_kernels._C", sources + cuda_sources,
-                             extra_compile_args={"cxx": cxx + ["-DPSP_WITH_CUDA"], "nvcc": ["-O3"]},
+                             extra_compile_args={"cxx": cxx + ["-DPSP_WITH_CUDA"], "nvcc": NVCC_FLAGS},
                              extra_link_args=["-fopenmp"])
     return CppExtension("psp_kernels._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
 

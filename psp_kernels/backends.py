@@ -1,9 +1,14 @@
-"""Backend selection for the fused PPM ops: ``auto`` (default), ``triton``, ``cpp``, ``reference``.
+"""Backend selection for the fused PPM ops: ``auto`` (default), ``triton``, ``cuda``, ``cpp``, ``reference``.
 
-``auto`` picks Triton for CUDA tensors and the compiled C++ extension for CPU tensors, falling back to
-the pure-PyTorch reference when those are unavailable (the extension loader warns once). An explicit
-choice is honoured or rejected with a clear error: ``triton`` on CPU tensors needs
-``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests), ``cpp`` needs CPU tensors.
+``auto`` on CUDA tensors measures: where both the Triton kernels and the CUDA C++ kernels of the compiled
+extension are available, the first call of each backend function for a *shape class* (dtypes, memory
+formats, every dimension rounded up to a power of two, and the non-tensor arguments) times both with
+CUDA events and keeps the faster one for the rest of the process (:class:`MeasuredChoice`); with only one
+of them, it is used. ``auto`` on CPU tensors picks the compiled C++ extension. Either falls back to the
+pure-PyTorch reference when nothing compiled is available (the extension loader warns once). An explicit
+choice is honoured or rejected with a clear error: ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
+(the Triton interpreter, used by the tests), ``cpp`` needs CPU tensors, ``cuda`` CUDA tensors and an
+extension built against a CUDA-enabled torch.
 
 Usage::
 
@@ -16,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import os
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 _state = {"backend": os.environ.get("PSP_KERNELS_BACKEND", "auto")}
 
 
@@ -65,16 +70,82 @@ def _reference() -> ModuleType:
     return reference
 
 
-def resolve(device: torch.device, name: str | None = None) -> ModuleType:
-    """Return the backend module for tensors on ``device``.
+def _cuda_extension() -> ModuleType | None:
+    from ._extension import load_extension
+    ext = load_extension()
+    return getattr(ext, "cuda", None)
 
-    The module provides ``pool_forward``, ``pool_backward``, ``project_forward``, ``project_backward``,
-    ``upsample_forward`` and ``upsample_backward`` (see ``psp_kernels.reference``).
+
+def _shape_class(value: object) -> object:
+    """Hashable summary of an argument for :class:`MeasuredChoice`: tensors by dtype, layout and
+    power-of-two-rounded shape; lists by their first element; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        rounded = tuple(1 << max(0, int(d) - 1).bit_length() for d in value.shape)
+        return (value.dtype, value.stride(1) == 1 if value.dim() == 4 else False, rounded)
+    if isinstance(value, (list, tuple)):
+        return (len(value), _shape_class(value[0])) if value and isinstance(value[0], torch.Tensor) else tuple(value)
+    return value
+
+
+def _time_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()                                                   # warm-up: compilation, caches
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class MeasuredChoice:
+    """``auto`` on CUDA with several backends: a backend-shaped object whose functions dispatch, per
+    function and shape class, to the candidate measured fastest on its first call.
+
+    Every candidate implements the same contract, so the choice changes speed only (results may differ
+    in the last bits between candidates; within a process a shape class always runs the same one, so
+    repeated runs are bitwise identical). During CUDA-graph capture nothing is timed: an unmeasured shape
+    class runs the first candidate. ``choices`` maps ``(function, shape class)`` to the chosen name.
+    """
+
+    def __init__(self, candidates: dict[str, object]):
+        self.candidates = candidates
+        self.choices: dict[tuple, str] = {}
+
+    def __getattr__(self, name: str) -> Callable:
+        impls = {key: getattr(mod, name) for key, mod in self.candidates.items() if hasattr(mod, name)}
+        if not impls:
+            raise AttributeError(name)             # optional fused-pass function that no candidate has
+
+        def dispatch(*args):
+            key = (name, tuple(_shape_class(a) for a in args))
+            choice = self.choices.get(key)
+            if choice is None:
+                if len(impls) == 1 or torch.cuda.is_current_stream_capturing():
+                    return next(iter(impls.values()))(*args)
+                choice = min(impls, key=lambda k: _time_ms(lambda: impls[k](*args)))
+                self.choices[key] = choice
+            return impls[choice](*args)
+        return dispatch
+
+
+_MEASURED: dict[str, MeasuredChoice] = {}
+
+
+def resolve(device: torch.device, name: str | None = None) -> ModuleType | MeasuredChoice:
+    """Return the backend for tensors on ``device``.
+
+    The backend provides ``pool_forward``, ``pool_backward``, ``project_forward``, ``project_backward``,
+    ``upsample_forward`` and ``upsample_backward``, and optionally the fused-pass functions
+    ``pool_concat_forward``, ``upsample_into``, ``pool_backward_add`` (see ``psp_kernels.reference``).
 
     Raises:
         ValueError: unknown backend name.
         RuntimeError: the requested backend cannot run on ``device`` (e.g. ``cpp`` for CUDA tensors,
-            ``triton`` for CPU tensors without ``TRITON_INTERPRET=1``, ``cpp`` with no built extension).
+            ``triton`` for CPU tensors without ``TRITON_INTERPRET=1``, ``cpp`` with no built extension,
+            ``cuda`` without an extension built with CUDA).
     """
     name = _check_name(name or _state["backend"])
     if name == "reference":
@@ -91,9 +162,23 @@ def resolve(device: torch.device, name: str | None = None) -> ModuleType:
         if ext is None:
             raise RuntimeError("backend 'cpp' requested but the C++ extension could not be built or loaded")
         return ext
+    if name == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got {device}")
+        cuda = _cuda_extension()
+        if cuda is None:
+            raise RuntimeError("backend 'cuda' requested but psp_kernels._C has no CUDA kernels: build it with a "
+                               "CUDA-enabled torch (`pip install --no-build-isolation -e .`)")
+        return cuda
     # auto
     if device.type == "cuda":
-        return _triton()
+        cuda = _cuda_extension()
+        if cuda is None:
+            return _triton()
+        key = str(device)
+        if key not in _MEASURED:
+            _MEASURED[key] = MeasuredChoice({"triton": _triton(), "cuda": cuda})
+        return _MEASURED[key]
     if device.type == "cpu":
         return load_extension() or _reference()
     return _reference()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .geometry import DEFAULT_BINS, check_bins
-from .ops import multibin_avg_pool, project_bn_relu, upsample_concat
+from .ops import pyramid_pooling
 from .reference import SemsegPPM
 
 
@@ -19,8 +19,8 @@ class PyramidPooling(SemsegPPM):
         in_channels: C, channels of x (2048 for PSPNet-50).
         reduction_channels: R, channels of each branch (semseg: ``in_channels // len(bins)``).
         bins: pyramid output sizes, default (1, 2, 3, 6).
-        fused: run ``multibin_avg_pool -> project_bn_relu -> upsample_concat`` (default); ``False`` runs
-            semseg's module-by-module forward (the reference).
+        fused: run the fused op :func:`psp_kernels.ops.pyramid_pooling` (default: pool + copy of x into the
+            concat, projection, upsampling: three passes); ``False`` runs semseg's module-by-module forward.
 
     Forward: x [N, C, H, W] fp16/bf16/fp32/fp64 (NCHW or channels_last) -> [N, C + len(bins)*R, H, W] in
     x's dtype and memory format, channels ordered x, bin 1, 2, 3, 6. The submodules are semseg's
@@ -61,13 +61,11 @@ class PyramidPooling(SemsegPPM):
         if not self.fused:
             return super().forward(x)
         bns = self._batch_norms()
-        pooled = multibin_avg_pool(x, self.bins)
-        branches = project_bn_relu(
-            pooled, [f[1].weight for f in self.features], [bn.weight for bn in bns], [bn.bias for bn in bns],
+        return pyramid_pooling(
+            x, [f[1].weight for f in self.features], [bn.weight for bn in bns], [bn.bias for bn in bns],
             [bn.running_mean for bn in bns], [bn.running_var for bn in bns], self.bins,
             training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
             num_batches_tracked=[bn.num_batches_tracked for bn in bns])
-        return upsample_concat(x, branches, self.bins)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, fused={self.fused}"

@@ -1,7 +1,9 @@
 """Pure-PyTorch oracle: semseg's pyramid pooling math, and the backend interface every kernel implements.
 
 Every backend (this module, ``psp_kernels.triton``, the compiled ``psp_kernels._C``) provides the same
-six functions with the same arguments and results; ``psp_kernels.ops`` calls them through
+six functions with the same arguments and results, and optionally the three fused-pass variants at the
+end of this module (``pool_concat_forward``, ``upsample_into``, ``pool_backward_add``; the whole-PPM op
+composes them from the six where a backend lacks them). ``psp_kernels.ops`` calls them through
 ``psp_kernels.backends``. Layout conventions (see ``psp_kernels.geometry``):
 
 - ``pooled`` [N, C, S] and ``branches`` [N, R, S]: bins packed along the last dim, contiguous,
@@ -156,6 +158,55 @@ def upsample_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int
         aw = interpolation_matrix(w, b, dt, grad_out.device)
         grads.append(torch.einsum("hi,nrhw,wj->nrij", ah, gk, aw).reshape(n, r, b * b))
     return torch.cat(grads, dim=2).to(grad_out.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused-pass variants used by the whole-PPM op (``psp::pyramid_pooling``): the concat buffer is
+# allocated by the pooling pass, which copies x into it while it reads x for the bins (3P forward
+# instead of 4P); the upsampling pass then writes only the branch channels; the pooling backward adds
+# the pass-through gradient in the same pass (3P backward instead of 5P).
+# --------------------------------------------------------------------------------------------------
+
+def pool_concat_forward(x: torch.Tensor, bins: Sequence[int], total_channels: int):
+    """:func:`pool_forward` that also allocates the concat buffer and copies x into its first C channels.
+
+    Returns ``(pooled [N, C, S], concat [N, total_channels, H, W])``: concat has x's dtype and memory
+    format, ``concat[:, :C] == x``, and channels ``[C, total_channels)`` are uninitialised.
+    """
+    n, c, h, w = x.shape
+    concat = torch.empty(n, total_channels, h, w, dtype=x.dtype, device=x.device,
+                         memory_format=_memory_format(is_channels_last(x)))
+    concat[:, :c].copy_(x)
+    return pool_forward(x, bins), concat
+
+
+def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], channels: int) -> None:
+    """Write every branch, upsampled bilinearly (align_corners=True), into ``concat[:, channels:]`` in place.
+
+    ``concat`` [N, channels + nb*R, H, W] (NCHW or channels_last), ``branches`` [N, R, S] contiguous.
+    """
+    n, r, _ = branches.shape
+    size = concat.shape[2:]
+    dt = acc_dtype(concat.dtype)
+    for k, off, s in _bin_slices(bins):
+        b = int(round(s ** 0.5))
+        pb = branches[:, :, off:off + s].reshape(n, r, b, b).to(dt)
+        concat[:, channels + k * r: channels + (k + 1) * r] = F.interpolate(
+            pb, size=size, mode="bilinear", align_corners=True)
+
+
+def pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: torch.Tensor,
+                      channels_last: bool) -> torch.Tensor:
+    """``residual + pool_backward(grad_pooled, ...)``: grad of x when x also passes through to the output.
+
+    ``residual`` [N, C, H, W] is the pass-through gradient, typically the channel slice
+    ``grad_concat[:, :C]`` (a view: any strides with ``stride(h) == W * stride(w)``). The sum is formed
+    in the accumulation dtype and rounded once; the result is NCHW or channels_last as asked.
+    """
+    _, _, h, w = residual.shape
+    dt = acc_dtype(grad_pooled.dtype)
+    grad = pool_backward(grad_pooled.to(dt), bins, h, w, channels_last) + residual.to(dt)
+    return grad.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
 
 
 class SemsegPPM(nn.Module):

@@ -6,6 +6,7 @@
 import os
 import tempfile
 
+# On a GPU machine, run the compiled-Triton tests apart: TRITON_INTERPRET=0 (see tests/test_gpu_triton.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # A fresh Inductor cache per session: its FX-graph cache key does not cover a custom op's schema, so code
 # compiled against an older psp:: schema would otherwise be reused (seen with torch 2.13.0).

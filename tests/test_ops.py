@@ -11,14 +11,15 @@ import pytest
 import torch
 
 import psp_kernels
-from psp_kernels import multibin_avg_pool, project_bn_relu, upsample_concat
+from psp_kernels import multibin_avg_pool, project_bn_relu, pyramid_pooling, upsample_concat
 from psp_kernels.geometry import packed_size, split_bins
 from psp_kernels.reference import SemsegPPM
 
 BACKENDS = ["reference", "cpp", "triton"]
 LOW = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # atol per dtype
-# (N, C, H, W, bins): odd sizes, H/W below the largest bin, N=1, non-default bins
-SHAPES = [(2, 8, 13, 17, (1, 2, 3, 6)), (2, 8, 5, 4, (1, 2, 3, 6)), (2, 6, 12, 12, (1, 3, 5))]
+# (N, C, H, W, bins): odd sizes, H/W below the largest bin, non-default bins, nesting windows (12x18)
+SHAPES = [(2, 8, 13, 17, (1, 2, 3, 6)), (2, 8, 5, 4, (1, 2, 3, 6)), (2, 6, 12, 12, (1, 3, 5)),
+          (2, 8, 12, 18, (1, 2, 3, 6))]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 
 
@@ -214,6 +215,40 @@ def test_gradcheck_fp64(backend, shape, layout):
         assert torch.autograd.gradcheck(f, (pooled, *params, *gammas, *betas), fast_mode=fast)
 
 
+def test_pyramid_pooling_op_equals_the_three_ops(backend):
+    """The whole-PPM op (fused passes) and the three separate ops give the same forward and gradients."""
+    n, c, r, bins = 2, 3, 2, (1, 2, 3, 6)
+    params = [[torch.randn(r, c, 1, 1, dtype=torch.float64, requires_grad=True) for _ in bins],
+              [torch.rand(r, dtype=torch.float64, requires_grad=True) for _ in bins],
+              [torch.randn(r, dtype=torch.float64, requires_grad=True) for _ in bins]]
+    running = [[torch.zeros(r, dtype=torch.float64) for _ in bins], [torch.ones(r, dtype=torch.float64) for _ in bins]]
+    for layout in ("nchw", "channels_last"):
+        x = make_x(n, c, 12, 18, layout=layout).requires_grad_()
+        whole = pyramid_pooling(x, *params, *running, bins, training=True)
+        parts = upsample_concat(x, project_bn_relu(multibin_avg_pool(x, bins), *params, *running, bins,
+                                                   training=True), bins)
+        torch.testing.assert_close(whole, parts, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(whole)
+        flat = [x] + [p for group in params for p in group]
+        for a, b in zip(torch.autograd.grad(whole, flat, g), torch.autograd.grad(parts, flat, g)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_pyramid_pooling_gradcheck(backend):
+    n, c, r, bins = 2, 2, 2, (1, 2, 3, 6)
+    x = make_x(n, c, 6, 6, layout="channels_last").requires_grad_()
+    ws = [torch.randn(r, c, 1, 1, dtype=torch.float64, requires_grad=True) for _ in bins]
+    gs = [torch.rand(r, dtype=torch.float64, requires_grad=True) for _ in bins]
+    bs = [torch.randn(r, dtype=torch.float64, requires_grad=True) for _ in bins]
+    running = [torch.rand(r, dtype=torch.float64) + 0.5 for _ in bins]
+
+    def f(t, *ts):
+        k = len(bins)
+        return pyramid_pooling(t, ts[:k], ts[k:2 * k], ts[2 * k:], [v.clone() for v in running],
+                               [v.clone() for v in running], bins, training=True)
+    assert torch.autograd.gradcheck(f, (x, *ws, *gs, *bs), fast_mode=True)
+
+
 def test_pool_matches_adaptive_avg_pool(backend):
     bins = (1, 2, 3, 6)
     x = make_x(2, 3, 5, 4)  # H, W < 6: windows repeat rows and columns
@@ -235,6 +270,9 @@ def test_opcheck(backend):
     rs = [torch.rand(2, dtype=torch.float64) + 0.5 for _ in bins]
     for training in (True, False):
         torch.library.opcheck(torch.ops.psp.project_bn_relu.default, (pooled, ws, gs, bs, rs, rs, bins, training, 1e-5))
+        for layout in ("nchw", "channels_last"):
+            x = make_x(2, 3, 6, 12, layout=layout).requires_grad_()
+            torch.library.opcheck(torch.ops.psp.pyramid_pooling.default, (x, ws, gs, bs, rs, rs, bins, training, 1e-5))
 
 
 def test_torch_compile_fullgraph_no_graph_break():
@@ -261,6 +299,11 @@ def _project_args(n=2, c=3, r=2, bins=(1, 2, 3, 6), **over):
                 running_vars=[torch.ones(r) for _ in bins], bins=bins)
     args.update(over)
     return args
+
+
+def _ppm_params():
+    args = _project_args()
+    return [args[k] for k in ("weights", "bn_weights", "bn_biases", "running_means", "running_vars")]
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -290,6 +333,11 @@ def _project_args(n=2, c=3, r=2, bins=(1, 2, 3, 6), **over):
     (lambda: psp_kernels.PyramidPooling(0, 2), ValueError, "in_channels must be a positive int"),
     (lambda: psp_kernels.PyramidPooling(8, 2, bins=(1, 1)), ValueError, "bins must not repeat"),
     (lambda: psp_kernels.set_backend("cuda-graphs"), ValueError, "backend must be one of"),
+    (lambda: pyramid_pooling(torch.randn(3, 5, 5), *_ppm_params()), ValueError, "x must be 4-D"),
+    (lambda: pyramid_pooling(torch.randn(2, 4, 5, 5), *_ppm_params()), ValueError,
+     r"weights\[0\] must have shape \(2, 4, 1, 1\)"),
+    (lambda: pyramid_pooling(torch.randn(1, 3, 5, 5), *_ppm_params(), training=True), ValueError,
+     "Expected more than 1 value per channel when training"),
 ])
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
@@ -326,3 +374,36 @@ def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch)
             backends.resolve(torch.device("cpu"), "cpp")
     finally:
         _extension.load_extension.cache_clear()
+
+
+def test_auto_measures_and_keeps_the_faster_backend(monkeypatch):
+    """``auto`` with two candidates: each shape class is timed once and then always runs the faster one;
+    an optional function only one candidate has goes to it; a function none has is absent."""
+    from psp_kernels import backends
+
+    class Fake:
+        def __init__(self, name, ms):
+            self.name, self.ms, self.calls = name, ms, 0
+
+        def pool_forward(self, x, bins):
+            self.calls += 1
+            return self.name
+
+    slow, fast = Fake("slow", 2.0), Fake("fast", 1.0)
+    fast.pool_concat_forward = lambda x, bins, total: "fast-only"
+    timings = {"slow": 2.0, "fast": 1.0}
+
+    def _fake_ms(fn):
+        return timings[fn()]
+    monkeypatch.setattr(backends, "_time_ms", _fake_ms)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    choice = backends.MeasuredChoice({"slow": slow, "fast": fast})
+    x = torch.randn(2, 3, 12, 12)
+    assert choice.pool_forward(x, [1, 2]) == "fast"
+    assert choice.pool_forward(torch.randn(2, 3, 11, 12), [1, 2]) == "fast"   # same shape class: no new timing
+    assert list(choice.choices.values()) == ["fast"]
+    timings.update(slow=0.5)
+    assert choice.pool_forward(torch.randn(2, 3, 40, 40), [1, 2]) == "slow"    # another class, measured anew
+    assert choice.pool_forward(x, [1, 2]) == "fast"
+    assert hasattr(choice, "pool_concat_forward") and not hasattr(choice, "upsample_into")
+    assert choice.pool_concat_forward(x, [1, 2], 5) == "fast-only"

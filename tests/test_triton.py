@@ -36,8 +36,10 @@ from psp_kernels.triton import upsample as tup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# (N, C, H, W, bins): odd sizes with overlapping windows; a map smaller than the largest bin; non-default bins.
-SHAPES = [(2, 5, 13, 17, (1, 2, 3, 6)), (1, 3, 5, 4, (1, 2, 3, 6)), (2, 4, 12, 12, (1, 3, 5))]
+# (N, C, H, W, bins): odd sizes with overlapping windows; a map smaller than the largest bin; non-default bins;
+# nesting windows (H, W multiples of 6: the nested pooling path) on a non-square map.
+SHAPES = [(2, 5, 13, 17, (1, 2, 3, 6)), (1, 3, 5, 4, (1, 2, 3, 6)), (2, 4, 12, 12, (1, 3, 5)),
+          (2, 5, 12, 18, (1, 2, 3, 6))]
 R = 4
 
 
@@ -168,6 +170,16 @@ def test_pool(dtype, shape, channels_last):
     assert gx.dtype == dtype and gx.shape == (n, c, h, w) and gx.is_contiguous(memory_format=fmt)
     assert_matches(gx, ref.pool_backward(g.double(), bins, h, w, channels_last), dtype, "pool_backward")
 
+    # Fused variants: the copy into the concat buffer, and the pass-through gradient added in the same pass.
+    pooled2, concat = tri.pool_concat_forward(x, bins, c + 7)
+    assert torch.equal(pooled2, pooled) and torch.equal(concat[:, :c], x)
+    assert concat.shape == (n, c + 7, h, w) and concat.is_contiguous(memory_format=fmt)
+    residual = _x(n, c + 7, h, w, dtype, channels_last)[:, :c]        # a channel slice: a strided view
+    gx2 = tri.pool_backward_add(g, bins, residual, channels_last)
+    assert gx2.dtype == dtype and gx2.is_contiguous(memory_format=fmt)
+    assert_matches(gx2, ref.pool_backward_add(g.double(), bins, residual.double(), channels_last), dtype,
+                   "pool_backward_add")
+
 
 # --------------------------------------------------------------------------------------------------
 # Projection
@@ -238,6 +250,10 @@ def test_upsample(dtype, shape, channels_last):
     assert out.is_contiguous(memory_format=fmt)
     assert torch.equal(out[:, :c], x), "x channels must be copied bit-exactly"
     assert_matches(out, ref.upsample_forward(x.double(), branches.double(), bins), dtype, "upsample_forward")
+    into = torch.full_like(out, float("nan"))
+    into[:, :c] = x
+    tri.upsample_into(into, branches, bins, c)
+    assert torch.equal(into, out), "upsample_into must write exactly the branch channels of upsample_forward"
 
     g = _x(n, c + len(bins) * R, h, w, dtype, channels_last)
     gb = tri.upsample_backward(g, bins, c)
@@ -275,6 +291,27 @@ def test_pool_configs(config, dtype):
                        ref.pool_backward(g.double(), bins, 5, 70, cl), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("width", [18, 126, 300], ids=lambda w: f"cw{tpool.pow2(w // 6)}")
+def test_pool_nested_tile_widths(width, dtype):
+    """Every fine-tile width of the nested path (CW_PAD 16, 32, 64), partial channel blocks, NaN locality."""
+    bins = (1, 2, 3, 6)
+    assert tpool.nested_level(bins, 6, width) == 6
+    for cl in (False, True):
+        x = _x(1, 20, 6, width, dtype, cl)       # N=1: BLOCK_C 8, so 3 channel blocks, the last partial
+        assert_matches(tri.pool_forward(x, bins), ref.pool_forward(x.double(), bins), dtype)
+        g = torch.randn(1, 20, 50).to(dtype)
+        assert_matches(tri.pool_backward(g, bins, 6, width, cl), ref.pool_backward(g.double(), bins, 6, width, cl),
+                       dtype)
+        x[0, 3, 2, 5] = float("nan")        # the nested path keeps a NaN in the cells containing it
+        assert torch.equal(tri.pool_forward(x, bins).isnan(), ref.pool_forward(x.double(), bins).isnan())
+        g[0, 3, 7] = float("nan")            # ... and a NaN gradient in the pixels of its cell
+        cell = torch.zeros(1, 20, 50, dtype=torch.float64)
+        cell[0, 3, 7] = 1.0
+        assert torch.equal(tri.pool_backward(g, bins, 6, width, cl).isnan(),
+                           ref.pool_backward(cell, bins, 6, width, cl) != 0)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("config", list(tproj.PROJ_FWD_CONFIGS))
 def test_projection_configs(config, training):
@@ -309,18 +346,22 @@ def test_upsample_bwd_configs(config):
 def test_bitwise_deterministic(dtype):
     n, c, h, w, bins = 2, 3, 7, 9, (1, 2, 3, 6)
     x = _x(n, c, h, w, dtype, True)
+    x_nested = _x(n, c, 12, 6, dtype, True)
+    g_nested = _x(n, c, 12, 6, dtype, False)
     weights, gammas, betas, rmeans, rvars = _params(R, c, bins, dtype)
     g_pool = torch.randn(n, c, 50).to(dtype)
     g_proj = torch.randn(n, R, 50).to(dtype)
     g_up = _x(n, c + 4 * R, h, w, dtype, True)
 
     def run():
-        pooled = tri.pool_forward(x, bins)
+        pooled, concat = tri.pool_concat_forward(x, bins, c + 4 * R)
         out, z, mean, var = tri.project_forward(pooled, weights, gammas, betas, rmeans, rvars, bins, True, 1e-5)
+        tri.upsample_into(concat, out, bins, c)
         bwd = tri.project_backward(g_proj, pooled, z, weights, gammas, betas, mean, var, bins, True, 1e-5)
-        return [pooled, out, z, mean, var, bwd[0], *bwd[1], *bwd[2], *bwd[3],
+        nested = [tri.pool_forward(x_nested, bins), tri.pool_backward_add(g_pool, bins, g_nested, False)]
+        return nested + [pooled, out, z, mean, var, bwd[0], *bwd[1], *bwd[2], *bwd[3], concat,
                 tri.pool_backward(g_pool, bins, h, w, True), tri.upsample_forward(x, out, bins),
-                tri.upsample_backward(g_up, bins, c)]
+                tri.pool_backward_add(g_pool, bins, g_up[:, :c], True), tri.upsample_backward(g_up, bins, c)]
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
@@ -331,7 +372,7 @@ def test_bitwise_deterministic(dtype):
 # --------------------------------------------------------------------------------------------------
 
 _MODULE_KERNELS = {
-    tpool: ("_pool_fwd_kernel", "_pool_bwd_kernel"),
+    tpool: ("_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"),
     tproj: ("_project_fwd_kernel", "_bn_bwd_kernel", "_dgrad_kernel", "_wgrad_kernel"),
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
 }
@@ -368,11 +409,11 @@ def _launch_matches(cfg, args, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=_id)
-@pytest.mark.parametrize("n,hw", [(16, 90), (1, 60)])
+@pytest.mark.parametrize("n,hw", [(16, 90), (1, 60), (8, 61)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
-    """N=16, C=2048, R=512 at 90x90 (and N=1 at 60x60) on meta tensors with the kernels stubbed: every
-    grid is within CUDA limits and every launch uses a config the compile test builds."""
+    """N=16, C=2048, R=512 at 90x90 (and N=1 at 60x60, N=8 at 61x61) on meta tensors with the kernels
+    stubbed: every grid is within CUDA limits and every launch uses a config the compile test builds."""
     calls = []
     for module, names in _MODULE_KERNELS.items():
         for name in names:
@@ -388,6 +429,9 @@ def test_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
     vs = [torch.empty(r, **meta) for _ in bins]
     tri.pool_forward(x, bins)
     tri.pool_backward(pooled, bins, hw, hw, channels_last)
+    _, concat = tri.pool_concat_forward(x, bins, c + 4 * r)
+    tri.pool_backward_add(pooled, bins, concat[:, :c], channels_last)
+    tri.upsample_into(concat, torch.empty(n, r, 50, **meta), bins, c)
     for training in (True, False):
         tri.project_forward(pooled, ws, vs, vs, vs, vs, bins, training, 1e-5)
         tri.project_backward(torch.empty(n, r, 50, **meta), pooled, torch.empty(n, r, 50, **acc), ws, vs, vs,
@@ -395,7 +439,10 @@ def test_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
     up = tri.upsample_forward(x, torch.empty(n, r, 50, **meta), bins)
     tri.upsample_backward(up, bins, c)
 
-    assert {name for name, *_ in calls} == {k for v in _MODULE_KERNELS.values() for k in v}
+    nested = {"_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"}     # 60, 90: nested; 61: general path
+    expected = {k for v in _MODULE_KERNELS.values() for k in v} - (nested if hw % 6 else {"_pool_fwd_kernel",
+                                                                                         "_pool_bwd_kernel"})
+    assert {name for name, *_ in calls} == expected
     entries = {e.name: e for e in tri.KERNELS}
     for name, grid, args, kw in calls:
         assert 1 <= grid[0] < 2 ** 31 and all(1 <= g < 65536 for g in grid[1:]), (name, grid)

@@ -43,8 +43,20 @@ def _project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Ten
     """Returns grad_pooled [N, C, S] and the per-bin parameter gradients stacked: [nb, R, C], [nb, R], [nb, R]."""
     grad_pooled, grad_w, grad_gamma, grad_beta = resolve(grad_out.device).project_backward(
         grad_out.contiguous(), pooled, z, weights, gammas, betas, mean, var, list(bins), training, eps)
-    stack = lambda grads: torch.stack([g.reshape(g.shape[0], -1).squeeze(-1).to(z.dtype) for g in grads])  # noqa: E731
-    return grad_pooled, stack(grad_w), stack(grad_gamma), stack(grad_beta)
+    return (grad_pooled, *stack_param_grads(grad_w, grad_gamma, grad_beta, z.dtype))
+
+
+def stack_param_grads(grad_w, grad_gamma, grad_beta, dtype):
+    """Per-bin parameter gradient lists -> stacked [nb, R, C], [nb, R], [nb, R] in ``dtype`` (a custom op
+    may not return views of one buffer, and lists of tensors are not a legal return type)."""
+    stack = lambda grads: torch.stack([g.reshape(g.shape[0], -1).squeeze(-1).to(dtype) for g in grads])  # noqa: E731
+    return stack(grad_w), stack(grad_gamma), stack(grad_beta)
+
+
+def unstack_param_grads(grad_w, grad_gamma, grad_beta, weights, gammas, betas):
+    """Inverse of :func:`stack_param_grads`: per-bin gradients shaped and typed as the parameters."""
+    unstack = lambda grads, params: [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params)]  # noqa: E731
+    return unstack(grad_w, weights), unstack(grad_gamma, gammas), unstack(grad_beta, betas)
 
 
 @_project_backward.register_fake
@@ -68,8 +80,7 @@ def _backward(ctx, grad_out, _gz, _gmean, _gvar):
     weights, gammas, betas = params[:nb], params[nb:2 * nb], params[2 * nb:]
     grad_pooled, grad_w, grad_gamma, grad_beta = _project_backward(
         grad_out, pooled, z, weights, gammas, betas, mean, var, ctx.bins, ctx.training, ctx.eps)
-    unstack = lambda grads, params: [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params)]  # noqa: E731
-    grad_w, grad_gamma, grad_beta = unstack(grad_w, weights), unstack(grad_gamma, gammas), unstack(grad_beta, betas)
+    grad_w, grad_gamma, grad_beta = unstack_param_grads(grad_w, grad_gamma, grad_beta, weights, gammas, betas)
     no_grad = [None] * nb  # running statistics are buffers
     return grad_pooled, grad_w, grad_gamma, grad_beta, no_grad, no_grad, None, None, None
 
@@ -77,8 +88,10 @@ def _backward(ctx, grad_out, _gz, _gmean, _gvar):
 _project.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _update_running_stats(mean, var, running_means, running_vars, num_batches_tracked, momentum, counts):
-    """nn.BatchNorm2d's update: r = (1 - m) * r + m * stat, with the unbiased variance n / (n - 1) * var."""
+def update_running_stats(mean, var, running_means, running_vars, num_batches_tracked, momentum, n, bins):
+    """nn.BatchNorm2d's update: r = (1 - m) * r + m * stat, with the unbiased variance n / (n - 1) * var
+    (n = N*b*b values per channel of bin b)."""
+    counts = [n * b * b for b in bins]
     with torch.no_grad():
         if num_batches_tracked is not None:
             torch._foreach_add_(num_batches_tracked, 1)
@@ -125,21 +138,36 @@ def project_bn_relu(pooled: torch.Tensor, weights: Sequence[torch.Tensor], bn_we
     if s != packed_size(bins):
         raise ValueError(f"pooled must have S = sum(b*b) = {packed_size(bins)} packed cells for bins {bins}, "
                          f"got {s}")
-    nb, dev = len(bins), pooled.device
-    if not isinstance(weights, (list, tuple)) or not weights:
-        raise TypeError("weights must be a non-empty list of conv weights [R, C, 1, 1], one per bin")
-    r = check_tensor(weights[0], "weights[0]", 4, dev).shape[0]
-    weights = check_tensor_list(weights, "weights", nb, (r, c, 1, 1), dev)
-    per_channel = [check_tensor_list(t, name, nb, (r,), dev) for t, name in (
-        (bn_weights, "bn_weights"), (bn_biases, "bn_biases"), (running_means, "running_means"),
-        (running_vars, "running_vars"))]
-    counts = [n * b * b for b in bins]
-    if training:
-        for b, count in zip(bins, counts):
-            if count == 1:
-                raise ValueError("Expected more than 1 value per channel when training, "
-                                 f"got input size {torch.Size([n, r, b, b])}")
+    weights, per_channel = check_branch_params(n, c, pooled.device, bins, training, weights, bn_weights, bn_biases,
+                                               running_means, running_vars)
     out, _, mean, var = _project(pooled, weights, *per_channel, bins, training, eps)
     if training:
-        _update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum, counts)
+        update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum, n, bins)
     return out
+
+
+def check_branch_params(n: int, c: int, device: torch.device, bins: Sequence[int], training: bool, weights,
+                        bn_weights, bn_biases, running_means, running_vars):
+    """Check the per-bin conv and BatchNorm tensors of a PPM with C input channels and batch N.
+
+    Returns ``(weights, [bn_weights, bn_biases, running_means, running_vars])`` as lists.
+
+    Raises:
+        TypeError / ValueError / RuntimeError: a list of the wrong type or length, or a tensor of the
+            wrong rank, shape, dtype or device (the message names it); ValueError "Expected more than 1
+            value per channel when training" for a bin with N*b*b == 1 in training, as BatchNorm.
+    """
+    nb = len(bins)
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise TypeError("weights must be a non-empty list of conv weights [R, C, 1, 1], one per bin")
+    r = check_tensor(weights[0], "weights[0]", 4, device).shape[0]
+    weights = check_tensor_list(weights, "weights", nb, (r, c, 1, 1), device)
+    per_channel = [check_tensor_list(t, name, nb, (r,), device) for t, name in (
+        (bn_weights, "bn_weights"), (bn_biases, "bn_biases"), (running_means, "running_means"),
+        (running_vars, "running_vars"))]
+    if training:
+        for b in bins:
+            if n * b * b == 1:
+                raise ValueError("Expected more than 1 value per channel when training, "
+                                 f"got input size {torch.Size([n, r, b, b])}")
+    return weights, per_channel

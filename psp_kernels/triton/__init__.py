@@ -5,11 +5,19 @@ function            parallel decomposition                                      
 ==================  ==============================================================  =========
 pool_forward        program per (n, channel block): one pass over x, all bins         1
 pool_backward       program per (n, channel block, row block): gather, no atomics     1
-project_forward     program per (bin, R block): GEMM + batch stats + BN + ReLU        1
-project_backward    BN bwd per (bin, R block); dgrad / wgrad GEMM tiles per bin       3
+project_forward     parameter pack (torch.cat); program per (bin, R block):           2
+                    GEMM + batch stats + BN + ReLU
+project_backward    pack; BN bwd per (bin, R block); dgrad / wgrad tiles per bin      4
 upsample_forward    program per (hw block, channel block, n): copy x / interpolate     1
 upsample_backward   program per (n, bin, R block): separable transposed interp.       1
+pool_concat_fwd     pool_forward that also copies x into the concat buffer            1
+upsample_into       upsample_forward writing only the branch channels                 1
+pool_backward_add   pool_backward plus the pass-through gradient, one pass            1
 ==================  ==============================================================  =========
+
+The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
+bins 1/2/3/6 at 60x60 or 90x90 (see pooling.py). The whole-PPM op runs pool_concat_forward,
+project_forward, upsample_into: 4 launches in eval.
 
 Every output element is written by exactly one program that reduces in a fixed order: results are
 bitwise deterministic and no kernel uses atomics. Accumulation is fp32 (fp64 for fp64 inputs).
@@ -26,12 +34,13 @@ import torch
 
 from . import pooling, projection, upsample
 from .common import CompileConfig
-from .pooling import pool_backward, pool_forward
+from .pooling import pool_backward, pool_backward_add, pool_concat_forward, pool_forward
 from .projection import project_backward, project_forward
-from .upsample import upsample_backward, upsample_forward
+from .upsample import upsample_backward, upsample_forward, upsample_into
 
 __all__ = ["pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
-           "upsample_backward", "KERNELS", "KernelEntry", "CompileConfig"]
+           "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "KERNELS",
+           "KernelEntry", "CompileConfig"]
 
 
 class KernelEntry(NamedTuple):

@@ -4,8 +4,9 @@ Per bin k the packed tensors are GEMM operands without any copy: with ``bb = b_k
 ``m = n*bb + s`` (``M_k = N*bb`` rows), ``P_k[m, c] = pooled[n, c, off_k + s]`` and
 ``Z_k[m, r] = z[n, r, off_k + s]``; ``Z_k = P_k @ W_k^T`` with ``W_k`` [R, C].
 
-The per-bin parameters arrive as lists; the launchers stack them into small contiguous tensors
-(weights [nb, R, C], BN parameters [4, nb, R] + eps) so one launch covers every bin.
+The per-bin parameters arrive as lists; the launchers pack them with one ``torch.cat`` (one launch)
+into a flat buffer viewed as weights [nb, R, C] and BN vectors [4, nb, R], so one kernel covers every
+bin: the eval forward of the whole PPM is then 4 launches (pool, pack, project, upsample).
 
 Forward, one launch: program (bin k, block of R channels) owns *all* M_k rows of its channels, so it
 can compute the training batch statistics itself (deterministic, no atomics, no second launch):
@@ -42,28 +43,41 @@ def _bin_table(bins: Sequence[int], device: torch.device) -> torch.Tensor:
     return t
 
 
-def _stack_weights(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """[nb, R, C] contiguous weights. Kept in the activations' dtype when every weight already has it
-    (fp16/bf16 products are exact in fp32, so tensor cores match the fp32 reference math); otherwise
-    the accumulation dtype."""
-    wdt = dtype if all(w.dtype == dtype for w in weights) else acc_dtype(dtype)
-    return torch.stack([w.reshape(w.shape[0], -1) for w in weights]).to(wdt)
+def _pack_params(weights, gammas, betas, means, variances, dtype: torch.dtype):
+    """Every bin's conv weight and BN vectors in one flat buffer, one ``torch.cat`` launch; returns the views
+    ``(w [nb, R, C], bn [4, nb, R] = gamma, beta, mean, var)``.
+
+    The buffer keeps the parameters' dtype (promoted across them) when that is the activations' dtype or
+    the accumulation dtype (fp16/bf16 products are exact in fp32, so tensor cores match the fp32
+    reference math); any other mix is converted to the accumulation dtype.
+    """
+    nb, (r, c) = len(weights), weights[0].shape[:2]
+    flat = torch.cat([t.reshape(-1) for t in (*weights, *gammas, *betas, *means, *variances)])
+    if flat.dtype not in (dtype, acc_dtype(dtype)):
+        flat = flat.to(acc_dtype(dtype))
+    return flat[:nb * r * c].view(nb, r, c), flat[nb * r * c:].view(4, nb, r)
 
 
-def _stack_bn(gammas, betas, mean, var, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Flat acc-dtype buffer: [4, nb, R] = (gamma, beta, mean, var), then eps (so fp64 runs get an fp64
-    eps). ``mean``/``var`` are [nb, R] tensors, or None where the kernel computes them (training fwd)."""
-    dt = acc_dtype(dtype)
-    g = torch.stack([t.to(dt) for t in gammas])
-    rows = [g, torch.stack([t.to(dt) for t in betas]),
-            g if mean is None else mean.to(dt), g if var is None else var.to(dt)]   # g: unused filler
-    return torch.cat([t.reshape(-1) for t in rows] + [torch.full((1,), eps, dtype=dt, device=g.device)])
+def _eps_args(eps: float) -> tuple[float, float]:
+    """eps as two fp32 kernel arguments whose sum is eps to fp64 precision (Triton passes floats as fp32)."""
+    hi = float(torch.tensor(eps, dtype=torch.float32))
+    return hi, float(torch.tensor(eps - hi, dtype=torch.float32))
 
 
 @triton.jit
 def _relu(y):
     # NaN-propagating ReLU, as torch.relu: tl.maximum's default would turn a NaN into 0.
     return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Bin k's (gamma, beta, mean, var) of the packed BN buffer, and eps, in the accumulation dtype."""
+    gamma = tl.load(bn_ptr + k * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
+    beta = tl.load(bn_ptr + (NB + k) * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
+    mean = tl.load(bn_ptr + (2 * NB + k) * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
+    var = tl.load(bn_ptr + (3 * NB + k) * R + offs_r, mask=mask_r, other=1.0).to(ACC_DTYPE)
+    return gamma, beta, mean, var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
 
 
 @triton.jit
@@ -83,12 +97,12 @@ def _inv_std(var, eps, ACC_DTYPE: tl.constexpr):
 def _project_fwd_kernel(
     p_ptr,                      # pooled [N, C, S] contiguous
     w_ptr,                      # weights [nb, R, C] contiguous (x dtype or acc dtype)
-    bn_ptr,                     # acc [4, nb, R] (gamma, beta, running mean, running var) + eps at [4*nb*R]
+    bn_ptr,                     # [4, nb, R] (gamma, beta, running mean, running var), w's dtype
     bin_ptr,                    # i32 [2, nb]: size, packed offset
     out_ptr,                    # [N, R, S] pooled dtype
     z_ptr,                      # [N, R, S] acc dtype
     mean_ptr, var_ptr,          # [nb, R] acc dtype
-    N, C, R, S,
+    N, C, R, S, eps_hi, eps_lo,  # eps = eps_hi + eps_lo (fp32 arguments, see _eps_args)
     NB: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -100,15 +114,11 @@ def _project_fwd_kernel(
     bb = b * b
     M = N * bb
 
-    gamma = tl.load(bn_ptr + k * R + offs_r, mask=mask_r, other=0.0)
-    beta = tl.load(bn_ptr + (NB + k) * R + offs_r, mask=mask_r, other=0.0)
-    eps = tl.load(bn_ptr + 4 * NB * R)
+    gamma, beta, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
     w_rows = w_ptr + (k * R + offs_r).to(tl.int64) * C                     # W_k[r, :]
 
     if not TRAINING:
         # Eval: the statistics are the running ones, so BN + ReLU happen in the GEMM epilogue.
-        mean = tl.load(bn_ptr + (2 * NB + k) * R + offs_r, mask=mask_r, other=0.0)
-        var = tl.load(bn_ptr + (3 * NB + k) * R + offs_r, mask=mask_r, other=1.0)
         scale = gamma * _inv_std(var, eps, ACC_DTYPE)
         shift = beta - mean * scale
 
@@ -210,9 +220,7 @@ def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gamma
     nb, r = len(bins), weights[0].shape[0]
     dt = acc_dtype(pooled.dtype)
     dev = pooled.device
-    w = _stack_weights(weights, pooled.dtype)
-    stats = None if training else (torch.stack(list(running_means)), torch.stack(list(running_vars)))
-    bn = _stack_bn(gammas, betas, *(stats or (None, None)), eps, pooled.dtype)
+    w, bn = _pack_params(weights, gammas, betas, running_means, running_vars, pooled.dtype)
     out = torch.empty(n, r, s, dtype=pooled.dtype, device=dev)
     z = torch.empty(n, r, s, dtype=dt, device=dev)
     mean = torch.empty(nb, r, dtype=dt, device=dev)
@@ -220,7 +228,7 @@ def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gamma
     bm, br, bk, nw = PROJ_FWD_CONFIGS[config or _proj_config(pooled.dtype, n * max(bins) ** 2, r, c)]
     grid = (nb * triton.cdiv(r, br),)
     _project_fwd_kernel[grid](
-        pooled, w, bn, _bin_table(bins, dev), out, z, mean, var, n, c, r, s,
+        pooled, w, bn, _bin_table(bins, dev), out, z, mean, var, n, c, r, s, *_eps_args(eps),
         NB=nb, TRAINING=bool(training), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
         ACC_DTYPE=acc_tl(pooled.dtype), DOT_UPCAST=dot_upcast(w.dtype), num_warps=nw)
     return out, z, mean, var
@@ -234,11 +242,11 @@ def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gamma
 def _bn_bwd_kernel(
     go_ptr,                     # grad_out [N, R, S] contiguous (pooled dtype)
     z_ptr,                      # [N, R, S] acc
-    bn_ptr,                     # acc [4, nb, R] (gamma, beta, mean, var) + eps, as the forward's
+    bn_ptr,                     # acc [4, nb, R] (gamma, beta, mean, var): the statistics the forward used
     bin_ptr,                    # i32 [2, nb]
     dz_ptr,                     # out: [N, R, S] acc scratch (dL/dz)
     dgamma_ptr, dbeta_ptr,      # out: [nb, R] acc
-    N, R, S,
+    N, R, S, eps_hi, eps_lo,
     NB: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -249,11 +257,7 @@ def _bn_bwd_kernel(
     bb = b * b
     M = N * bb
 
-    gamma = tl.load(bn_ptr + k * R + offs_r, mask=mask_r, other=0.0)
-    beta = tl.load(bn_ptr + (NB + k) * R + offs_r, mask=mask_r, other=0.0)
-    mean = tl.load(bn_ptr + (2 * NB + k) * R + offs_r, mask=mask_r, other=0.0)
-    var = tl.load(bn_ptr + (3 * NB + k) * R + offs_r, mask=mask_r, other=1.0)
-    eps = tl.load(bn_ptr + 4 * NB * R)
+    gamma, beta, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
     invstd = _inv_std(var, eps, ACC_DTYPE)
     scale = gamma * invstd
     shift = beta - mean * scale
@@ -388,8 +392,7 @@ def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tens
     assert grad_out.is_contiguous() and pooled.is_contiguous() and z.is_contiguous()
     dt = acc_dtype(pooled.dtype)
     dev = pooled.device
-    w = _stack_weights(weights, pooled.dtype)
-    bn = _stack_bn(gammas, betas, mean, var, eps, pooled.dtype)
+    w, bn = _pack_params(weights, gammas, betas, mean.unbind(0), var.unbind(0), pooled.dtype)
     bins_t = _bin_table(bins, dev)
     dz = torch.empty(n, r, s, dtype=dt, device=dev)
     dgamma = torch.empty(nb, r, dtype=dt, device=dev)
@@ -403,7 +406,7 @@ def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tens
 
     bm, br, nw = cfg["bn"]
     _bn_bwd_kernel[(nb * triton.cdiv(r, br),)](
-        grad_out, z, bn, bins_t, dz, dgamma, dbeta, n, r, s,
+        grad_out, z, bn, bins_t, dz, dgamma, dbeta, n, r, s, *_eps_args(eps),
         NB=nb, TRAINING=bool(training), BLOCK_M=bm, BLOCK_R=br, ACC_DTYPE=acc, num_warps=nw)
 
     bm, bc, bk, nw = cfg["dgrad"]
@@ -433,9 +436,10 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
         # Forward weights are x's dtype (pure low precision) or fp32 (AMP: fp32 master weights).
         wdts = (dt,) if dt == acc else (dt, acc)
         for wdt in wdts:
-            sig = {"p_ptr": f"*{dt}", "w_ptr": f"*{wdt}", "bn_ptr": f"*{acc}", "bin_ptr": "*i32",
+            sig = {"p_ptr": f"*{dt}", "w_ptr": f"*{wdt}", "bn_ptr": f"*{wdt}", "bin_ptr": "*i32",
                    "out_ptr": f"*{dt}", "z_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}",
-                   "N": "i32", "C": "i32", "R": "i32", "S": "i32", "NB": "constexpr", "TRAINING": "constexpr",
+                   "N": "i32", "C": "i32", "R": "i32", "S": "i32", "eps_hi": "fp32", "eps_lo": "fp32",
+                   "NB": "constexpr", "TRAINING": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
                    "ACC_DTYPE": "constexpr", "DOT_UPCAST": "constexpr"}
             for name in launcher_configs(dtype):
@@ -453,18 +457,19 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
                     f"bn_bwd/{dt}/{name}/{'train' if training else 'eval'}",
                     {"go_ptr": f"*{dt}", "z_ptr": f"*{acc}", "bn_ptr": f"*{acc}", "bin_ptr": "*i32",
                      "dz_ptr": f"*{acc}", "dgamma_ptr": f"*{acc}", "dbeta_ptr": f"*{acc}",
-                     "N": "i32", "R": "i32", "S": "i32", "NB": "constexpr", "TRAINING": "constexpr",
+                     "N": "i32", "R": "i32", "S": "i32", "eps_hi": "fp32", "eps_lo": "fp32",
+                     "NB": "constexpr", "TRAINING": "constexpr",
                      "BLOCK_M": "constexpr", "BLOCK_R": "constexpr", "ACC_DTYPE": "constexpr"},
                     dict(NB=4, TRAINING=training, BLOCK_M=bm, BLOCK_R=br, ACC_DTYPE=tacc), num_warps=nw)))
+            # Backward weights are packed with the fp32/fp64 statistics, hence always the acc dtype.
             bm, bc, bk, nw = cfg["dgrad"]
-            for wdt in wdts:
-                out.append((_dgrad_kernel, CompileConfig(
-                    f"dgrad/{dt}/w{wdt}/{name}",
-                    {"dz_ptr": f"*{acc}", "w_ptr": f"*{wdt}", "bin_ptr": "*i32", "gp_ptr": f"*{dt}",
-                     "N": "i32", "C": "i32", "R": "i32", "S": "i32", "NB": "constexpr",
-                     "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "BLOCK_K": "constexpr",
-                     "ACC_DTYPE": "constexpr"},
-                    dict(NB=4, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, ACC_DTYPE=tacc), num_warps=nw)))
+            out.append((_dgrad_kernel, CompileConfig(
+                f"dgrad/{dt}/{name}",
+                {"dz_ptr": f"*{acc}", "w_ptr": f"*{acc}", "bin_ptr": "*i32", "gp_ptr": f"*{dt}",
+                 "N": "i32", "C": "i32", "R": "i32", "S": "i32", "NB": "constexpr",
+                 "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "BLOCK_K": "constexpr",
+                 "ACC_DTYPE": "constexpr"},
+                dict(NB=4, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, ACC_DTYPE=tacc), num_warps=nw)))
             br, bc, bk, nw = cfg["wgrad"]
             out.append((_wgrad_kernel, CompileConfig(
                 f"wgrad/{dt}/{name}",

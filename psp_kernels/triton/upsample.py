@@ -66,20 +66,20 @@ def _upsample_fwd_kernel(
     out_ptr,                    # [N, C + NB*R, H, W], x's memory format; pixel hw at hw * stride_ohw
     bin_ptr,                    # i32 [2, NB]: sizes, packed offsets
     scale_ptr,                  # acc [2, NB]: scale_h, scale_w
-    C, R, S, H, W,
+    C, R, S, H, W, X_BLOCKS,    # X_BLOCKS: channel blocks that copy x (0: x is already in out)
     stride_xn, stride_xc, stride_xhw,
     stride_on, stride_oc, stride_ohw,
     NB: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_HW: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    # Decomposition: grid (hw blocks, channel blocks, N). Channel blocks [0, cdiv(C, BLOCK_CH)) copy x;
-    # the rest are (bin k, block of BLOCK_CH of its R channels) and interpolate: the taps depend only on
-    # hw and the bin (vectors of BLOCK_HW), the 4 gathers hit the tiny branches tensor (L1/L2).
-    # Every output element is written exactly once.
+    # Decomposition: grid (hw blocks, channel blocks, N). Channel blocks [0, X_BLOCKS) copy x; the rest
+    # are (bin k, block of BLOCK_CH of its R channels) and interpolate: the taps depend only on hw and
+    # the bin (vectors of BLOCK_HW), the 4 gathers hit the tiny branches tensor (L1/L2). Every output
+    # element is written exactly once, along the layout's contiguous dim (see UPSAMPLE_FWD_CONFIGS).
     hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     chb = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
     mask_hw = hw < H * W
-    n_xblocks = tl.cdiv(C, BLOCK_CH)
+    n_xblocks = X_BLOCKS
     if chb < n_xblocks:
         offs_c = chb * BLOCK_CH + tl.arange(0, BLOCK_CH)
         mask = (offs_c < C)[:, None] & mask_hw[None, :]
@@ -113,6 +113,25 @@ def _upsample_fwd_kernel(
 UPSAMPLE_FWD_CONFIGS = {"nchw": (4, 256, 4), "cl": (64, 16, 4)}
 
 
+def _launch_forward(x: torch.Tensor | None, branches: torch.Tensor, out: torch.Tensor, bins: Sequence[int],
+                    channels: int, config: str | None) -> None:
+    """Write the branches (and x unless it is None) into ``out``: one launch."""
+    n, _, h, w = out.shape
+    _, r, s = branches.shape
+    assert branches.is_contiguous()
+    nb = len(bins)
+    ints, scales = _tables(bins, h, w, out.dtype, out.device)
+    bch, bhw, nw = UPSAMPLE_FWD_CONFIGS[config or ("cl" if is_channels_last(out) else "nchw")]
+    x_blocks = 0 if x is None else triton.cdiv(channels, bch)
+    src = out if x is None else x                     # x's strides are unused when it is not copied
+    grid = (triton.cdiv(h * w, bhw), x_blocks + nb * triton.cdiv(r, bch), n)
+    assert grid[1] < 65536 and grid[2] < 65536, grid
+    _upsample_fwd_kernel[grid](
+        src, branches, out, ints, scales, channels, r, s, h, w, x_blocks,
+        src.stride(0), src.stride(1), flat_hw_stride(src), out.stride(0), out.stride(1), flat_hw_stride(out),
+        NB=nb, BLOCK_CH=bch, BLOCK_HW=bhw, ACC_DTYPE=acc_tl(out.dtype), num_warps=nw)
+
+
 def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], *,
                      config: str | None = None) -> torch.Tensor:
     """Concat of x and every branch upsampled bilinearly (align_corners=True) to x's size.
@@ -125,23 +144,24 @@ def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int
         [N, C + nb*R, H, W] in x's dtype and memory format; channels x, then bins in order.
     """
     n, c, h, w = x.shape
-    _, r, s = branches.shape
-    assert branches.is_contiguous()
-    nb = len(bins)
-    cl = is_channels_last(x)
-    out = torch.empty(n, c + nb * r, h, w, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if cl else torch.contiguous_format)
-    if out.numel() == 0:
-        return out
-    ints, scales = _tables(bins, h, w, x.dtype, x.device)
-    bch, bhw, nw = UPSAMPLE_FWD_CONFIGS[config or ("cl" if cl else "nchw")]
-    grid = (triton.cdiv(h * w, bhw), triton.cdiv(c, bch) + nb * triton.cdiv(r, bch), n)
-    assert grid[1] < 65536 and grid[2] < 65536, grid
-    _upsample_fwd_kernel[grid](
-        x, branches, out, ints, scales, c, r, s, h, w,
-        x.stride(0), x.stride(1), flat_hw_stride(x), out.stride(0), out.stride(1), flat_hw_stride(out),
-        NB=nb, BLOCK_CH=bch, BLOCK_HW=bhw, ACC_DTYPE=acc_tl(x.dtype), num_warps=nw)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out = torch.empty(n, c + len(bins) * branches.shape[1], h, w, dtype=x.dtype, device=x.device,
+                      memory_format=fmt)
+    if out.numel():
+        _launch_forward(x, branches, out, bins, c, config)
     return out
+
+
+def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], channels: int, *,
+                  config: str | None = None) -> None:
+    """Write every branch, upsampled, into ``concat[:, channels:]`` in place (x is already in the first
+    ``channels`` channels, from ``pool_concat_forward``): only the branch half of the concat is written.
+
+    Args:
+        concat: [N, channels + nb*R, H, W], NCHW or channels_last; branches: [N, R, S] contiguous.
+    """
+    if concat.numel():
+        _launch_forward(None, branches, concat, bins, channels, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +288,7 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
                 f"upsample_fwd/{dt}/{name}",
                 {"x_ptr": f"*{dt}", "br_ptr": f"*{dt}", "out_ptr": f"*{dt}", "bin_ptr": "*i32",
                  "scale_ptr": f"*{acc}", "C": "i32", "R": "i32", "S": "i32", "H": "i32", "W": "i32",
+                 "X_BLOCKS": "i32",
                  "stride_xn": "i32", "stride_xc": "i32", "stride_xhw": "i32",
                  "stride_on": "i32", "stride_oc": "i32", "stride_ohw": "i32",
                  "NB": "constexpr", "BLOCK_CH": "constexpr", "BLOCK_HW": "constexpr", "ACC_DTYPE": "constexpr"},

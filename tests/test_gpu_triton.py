@@ -1,0 +1,118 @@
+"""Compiled Triton kernels on a CUDA GPU: parity with semseg's PPM, determinism, launch count, CUDA graphs.
+
+These need a GPU and compiled (not interpreted) Triton. The CPU suite runs Triton in the interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py unless already set), so on a GPU machine run
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_gpu_triton.py tests/test_cuda.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import psp_kernels
+from psp_kernels.reference import SemsegPPM
+from psp_kernels.triton.common import interpreting
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(interpreting(), reason="needs compiled Triton: run with TRITON_INTERPRET=0 on a GPU machine"),
+]
+
+# (N, C, H, W): odd map, map smaller than bin 6, nesting maps of the 473 / 713 crops, N=1.
+SHAPES = [(2, 64, 13, 17), (2, 64, 5, 4), (2, 256, 60, 60), (2, 128, 90, 90), (1, 256, 60, 60)]
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}   # rel. error vs fp64 (norm ratio)
+
+
+def _ppm(c, dtype, device="cuda"):
+    ref = SemsegPPM(c, c // 4, (1, 2, 3, 6))
+    with torch.no_grad():
+        for f in ref.features:
+            f[2].weight.uniform_(0.5, 1.5), f[2].bias.uniform_(-0.5, 0.5)
+            f[2].running_mean.uniform_(-0.1, 0.1), f[2].running_var.uniform_(0.5, 2.0)
+    ours = psp_kernels.PyramidPooling(c, c // 4)
+    ours.load_state_dict(ref.state_dict())
+    return ours.to(device, dtype), ref.to(device, torch.float64)
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    with psp_kernels.use_backend("triton"):
+        yield
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_semseg(shape, dtype, channels_last, training):
+    n, c, h, w = shape
+    if training and n == 1:
+        pytest.skip("bin 1 has one value per channel at N=1 in training (BatchNorm raises, as tested on CPU)")
+    ours, oracle = _ppm(c, dtype)
+    ours.train(training), oracle.train(training)
+    x64 = torch.randn(n, c, h, w, device="cuda", dtype=torch.float64)
+    if channels_last:
+        x64 = x64.contiguous(memory_format=torch.channels_last)
+    x = x64.to(dtype).requires_grad_()
+    xo = x.detach().double().requires_grad_()
+    out, expected = ours(x), oracle(xo)
+    g = torch.randn_like(expected)
+    out.backward(g.to(dtype)), expected.backward(g.to(dtype).double())
+    tol = 1e-12 if dtype == torch.float64 else TOL[dtype]
+    assert _rel(out, expected) <= tol
+    assert _rel(x.grad, xo.grad) <= tol
+    for (name, p), q in zip(ours.named_parameters(), oracle.parameters()):
+        assert _rel(p.grad, q.grad) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic(dtype):
+    ours, _ = _ppm(512, dtype)
+    x = torch.randn(4, 512, 60, 60, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 1024, 60, 60, device="cuda", dtype=dtype)
+    runs = []
+    for _ in range(3):
+        xi = x.clone().requires_grad_()
+        ours.zero_grad()
+        out = ours(xi)
+        out.backward(g)
+        runs.append([out, xi.grad] + [p.grad.clone() for p in ours.parameters()])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_eval_forward_n1_at_most_4_launches():
+    ours, _ = _ppm(2048, torch.bfloat16)
+    ours.eval()
+    x = torch.randn(1, 2048, 60, 60, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours(x)                                  # warm-up: compilation, cached tables
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ours(x)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 4, [e.name for e in kernels]
+
+
+def test_cuda_graph_replay_matches_eager():
+    ours, _ = _ppm(256, torch.bfloat16)
+    ours.eval()
+    static_x = torch.randn(1, 256, 60, 60, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = ours(static_x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = ours(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, ours(new_x))
+        assert not torch.equal(static_out, expected)
