@@ -19,7 +19,7 @@ from psp_kernels import reference as ref
 from psp_kernels.geometry import packed_size
 
 FUNCTIONS = ("pool_forward", "pool_backward", "project_forward", "project_backward",
-             "upsample_forward", "upsample_backward")
+             "upsample_forward", "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5,
        torch.float16: 4 * torch.finfo(torch.float16).eps, torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps}
@@ -344,3 +344,31 @@ def test_invalid_arguments_raise(ext):
         ext.upsample_forward(x, rand(2, 3, s), bins)
     with pytest.raises(RuntimeError, match="len\\(bins\\)"):
         ext.upsample_backward(rand(1, 2 + 5, 5, 5), bins, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused-pass variants (used by the whole-PPM op)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fused_pass_variants(ext, case, dtype, layout):
+    """pool_concat_forward == (pool_forward, x copied); upsample_into writes exactly the branch channels of
+    upsample_forward; pool_backward_add == reference residual + pool_backward, rounded once."""
+    shape, bins = case
+    n, c, h, w = shape
+    x = make_x(shape, dtype, layout)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    pooled, concat = ext.pool_concat_forward(x, list(bins), c + 3 * len(bins))
+    assert torch.equal(pooled, ext.pool_forward(x, list(bins))) and torch.equal(concat[:, :c], x)
+    assert concat.shape == (n, c + 3 * len(bins), h, w) and concat.is_contiguous(memory_format=fmt)
+    branches = rand(n, 3, packed_size(bins), dtype=dtype, seed=2)
+    ext.upsample_into(concat, branches, list(bins), c)
+    assert torch.equal(concat, ext.upsample_forward(x, branches, list(bins)))
+    residual = make_x((n, c + 4, h, w), dtype, layout, seed=3)[:, :c]      # a channel slice (strided view)
+    g = rand(n, c, packed_size(bins), dtype=dtype, seed=4)
+    gx = ext.pool_backward_add(g, list(bins), residual, layout == "channels_last")
+    assert gx.dtype == dtype and gx.is_contiguous(memory_format=fmt)
+    assert_close(gx, ref.pool_backward_add(g.double(), bins, residual.double(), layout == "channels_last"), dtype,
+                 "pool_backward_add")

@@ -13,6 +13,9 @@
 // Parallel decomposition: NCHW -- one task item per (n, c) plane; channels_last -- one item per
 // (n, block of kChannelBlock channels), every pixel a contiguous channel vector. Each item owns its
 // outputs; NCHW and channels_last use the same per-lane reduction order (bitwise equal results).
+// Fused variants: the forward can copy the x it reads into the first C channels of the PPM's concat
+// buffer (pool_concat_forward), the backward can add a pass-through gradient while it writes grad_x
+// (pool_backward_add), each in the same pass.
 #include "ppm_cpu.h"
 
 #include <cstring>
@@ -126,10 +129,26 @@ void column_sums_to_blocks(const PoolGeometry& g, int64_t a, const acc_t* colsum
   }
 }
 
+// Optional concat buffer of the fused forward: [N, total, H, W] in x's layout (nullptr: no copy).
+template <typename scalar_t>
+struct ConcatOut {
+  scalar_t* ptr;
+  int64_t total;
+};
+
+// Optional residual of the fused backward: an [N, C, H, W] view with arbitrary strides (nullptr: none).
+template <typename scalar_t>
+struct Residual {
+  const scalar_t* ptr;
+  int64_t sn, sc, sh, sw;
+  const scalar_t* at(int64_t n, int64_t c, int64_t h, int64_t w) const { return ptr + n * sn + c * sc + h * sh + w * sw; }
+};
+
 // NCHW: item = (n, c) plane of H*W contiguous values, owning its S outputs. The rows of a row
 // segment are summed into an L1-resident row (vectorised over w), then cut into column segments.
 template <typename scalar_t>
-void pool_forward_nchw(const scalar_t* x, scalar_t* out, int64_t planes, const PoolGeometry& g) {
+void pool_forward_nchw(const scalar_t* x, scalar_t* out, int64_t C, int64_t planes, const PoolGeometry& g,
+                       ConcatOut<scalar_t> cat) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = g.height, W = g.width, S = g.pb.total;
   const std::vector<acc_t> area = cell_areas<acc_t>(g);
@@ -141,6 +160,7 @@ void pool_forward_nchw(const scalar_t* x, scalar_t* out, int64_t planes, const P
         for (int64_t h = g.rows.bounds[a]; h < g.rows.bounds[a + 1]; ++h) {
           const scalar_t* row = x + (p * H + h) * W;
           for (int64_t w = 0; w < W; ++w) colsum[w] += static_cast<acc_t>(row[w]);
+          if (cat.ptr) std::memcpy(cat.ptr + (((p / C) * cat.total + p % C) * H + h) * W, row, W * sizeof(scalar_t));
         }
         column_sums_to_blocks(g, a, colsum.data(), blocks.data(), 1);
       }
@@ -153,7 +173,8 @@ void pool_forward_nchw(const scalar_t* x, scalar_t* out, int64_t planes, const P
 // channels_last: item = (n, block of kChannelBlock channels); each pixel's channel vector is added
 // into its column's lanes (same per-lane order as the NCHW path).
 template <typename scalar_t>
-void pool_forward_nhwc(const scalar_t* x, scalar_t* out, int64_t N, int64_t C, const PoolGeometry& g) {
+void pool_forward_nhwc(const scalar_t* x, scalar_t* out, int64_t N, int64_t C, const PoolGeometry& g,
+                       ConcatOut<scalar_t> cat) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = g.height, W = g.width, S = g.pb.total, CB = kChannelBlock;
   const int64_t cblocks = div_up(C, CB);
@@ -169,6 +190,7 @@ void pool_forward_nhwc(const scalar_t* x, scalar_t* out, int64_t N, int64_t C, c
             const scalar_t* px = x + ((n * H + h) * W + w) * C + c0;
             acc_t* dst = colsum.data() + w * CB;
             for (int64_t c = 0; c < cb; ++c) dst[c] += static_cast<acc_t>(px[c]);
+            if (cat.ptr) std::memcpy(cat.ptr + ((n * H + h) * W + w) * cat.total + c0, px, cb * sizeof(scalar_t));
           }
         }
         column_sums_to_blocks(g, a, colsum.data(), blocks.data(), CB);
@@ -187,9 +209,10 @@ void pool_forward_nhwc(const scalar_t* x, scalar_t* out, int64_t N, int64_t C, c
 // ---------------------------------------------------------------------------------------------
 
 // NCHW: item = (n, c) plane; gs = g / area for its S cells -> one value per block -> written to
-// every element of the block.
+// every element of the block (plus the residual, summed in acc_t and rounded once).
 template <typename scalar_t>
-void pool_backward_nchw(const scalar_t* gp, scalar_t* gx, int64_t planes, const PoolGeometry& g) {
+void pool_backward_nchw(const scalar_t* gp, scalar_t* gx, int64_t C, int64_t planes, const PoolGeometry& g,
+                        Residual<scalar_t> res) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = g.height, W = g.width, S = g.pb.total, nsw = g.cols.nseg();
   const std::vector<acc_t> area = cell_areas<acc_t>(g);
@@ -202,7 +225,14 @@ void pool_backward_nchw(const scalar_t* gp, scalar_t* gx, int64_t planes, const 
         for (int64_t h = g.rows.bounds[a]; h < g.rows.bounds[a + 1]; ++h) {
           scalar_t* row = gx + (p * H + h) * W;
           for (int64_t s = 0; s < nsw; ++s) {
-            std::fill(row + g.cols.bounds[s], row + g.cols.bounds[s + 1], static_cast<scalar_t>(vals[a * nsw + s]));
+            const acc_t v = vals[a * nsw + s];
+            if (!res.ptr) {
+              std::fill(row + g.cols.bounds[s], row + g.cols.bounds[s + 1], static_cast<scalar_t>(v));
+              continue;
+            }
+            for (int64_t w = g.cols.bounds[s]; w < g.cols.bounds[s + 1]; ++w) {
+              row[w] = static_cast<scalar_t>(v + static_cast<acc_t>(*res.at(p / C, p % C, h, w)));
+            }
           }
         }
       }
@@ -213,7 +243,8 @@ void pool_backward_nchw(const scalar_t* gp, scalar_t* gx, int64_t planes, const 
 // channels_last: item = (n, channel block); gs transposed to [S][block] lanes, block values
 // converted once, then each pixel's channel vector is a contiguous copy.
 template <typename scalar_t>
-void pool_backward_nhwc(const scalar_t* gp, scalar_t* gx, int64_t N, int64_t C, const PoolGeometry& g) {
+void pool_backward_nhwc(const scalar_t* gp, scalar_t* gx, int64_t N, int64_t C, const PoolGeometry& g,
+                        Residual<scalar_t> res) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = g.height, W = g.width, S = g.pb.total, nsw = g.cols.nseg(), CB = kChannelBlock;
   const int64_t cblocks = div_up(C, CB);
@@ -233,8 +264,15 @@ void pool_backward_nhwc(const scalar_t* gp, scalar_t* gx, int64_t N, int64_t C, 
         for (int64_t h = g.rows.bounds[a]; h < g.rows.bounds[a + 1]; ++h) {
           for (int64_t s = 0; s < nsw; ++s) {
             const scalar_t* src = vout.data() + (a * nsw + s) * CB;
+            const acc_t* val = vals.data() + (a * nsw + s) * CB;
             for (int64_t w = g.cols.bounds[s]; w < g.cols.bounds[s + 1]; ++w) {
-              std::memcpy(gx + ((n * H + h) * W + w) * C + c0, src, cb * sizeof(scalar_t));
+              scalar_t* dst = gx + ((n * H + h) * W + w) * C + c0;
+              if (!res.ptr) {
+                std::memcpy(dst, src, cb * sizeof(scalar_t));
+                continue;
+              }
+              const scalar_t* r = res.at(n, c0, h, w);
+              for (int64_t c = 0; c < cb; ++c) dst[c] = static_cast<scalar_t>(val[c] + static_cast<acc_t>(r[c * res.sc]));
             }
           }
         }
@@ -243,11 +281,8 @@ void pool_backward_nhwc(const scalar_t* gp, scalar_t* gx, int64_t N, int64_t C, 
   });
 }
 
-}  // namespace
-
-at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
-  check_input(x_in, "x", 4);
-  const at::Tensor x = kernel_layout(x_in);
+// x -> pooled, and x copied into concat[:, :C] when concat is defined.
+at::Tensor pool_forward_impl(const at::Tensor& x, const std::vector<int64_t>& bins, const at::Tensor& concat) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const PoolGeometry g = pool_geometry(bins, H, W);
   at::Tensor out = at::empty({N, C, g.pb.total}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -256,17 +291,20 @@ at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psp_pool_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const ConcatOut<scalar_t> cat{concat.defined() ? concat.data_ptr<scalar_t>() : nullptr,
+                                  concat.defined() ? concat.size(1) : 0};
     if (layout == Layout::NHWC) {
-      pool_forward_nhwc<scalar_t>(xp, op, N, C, g);
+      pool_forward_nhwc<scalar_t>(xp, op, N, C, g, cat);
     } else {
-      pool_forward_nchw<scalar_t>(xp, op, N * C, g);
+      pool_forward_nchw<scalar_t>(xp, op, C, N * C, g, cat);
     }
   });
   return out;
 }
 
-at::Tensor pool_backward(const at::Tensor& grad_pooled_in, const std::vector<int64_t>& bins,
-                         int64_t height, int64_t width, bool channels_last) {
+// grad_pooled -> grad_x, plus the residual when it is defined.
+at::Tensor pool_backward_impl(const at::Tensor& grad_pooled_in, const std::vector<int64_t>& bins, int64_t height,
+                              int64_t width, bool channels_last, const at::Tensor& residual) {
   const PoolGeometry g = pool_geometry(bins, height, width);
   check_packed(grad_pooled_in, "grad_pooled", g.pb);
   const at::Tensor gp = grad_pooled_in.contiguous();
@@ -277,13 +315,52 @@ at::Tensor pool_backward(const at::Tensor& grad_pooled_in, const std::vector<int
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gp.scalar_type(), "psp_pool_backward", [&] {
     const scalar_t* src = gp.const_data_ptr<scalar_t>();
     scalar_t* dst = gx.data_ptr<scalar_t>();
+    Residual<scalar_t> res{nullptr, 0, 0, 0, 0};
+    if (residual.defined()) {
+      res = {residual.const_data_ptr<scalar_t>(), residual.stride(0), residual.stride(1), residual.stride(2),
+             residual.stride(3)};
+    }
     if (layout == Layout::NHWC) {
-      pool_backward_nhwc<scalar_t>(src, dst, N, C, g);
+      pool_backward_nhwc<scalar_t>(src, dst, N, C, g, res);
     } else {
-      pool_backward_nchw<scalar_t>(src, dst, N * C, g);
+      pool_backward_nchw<scalar_t>(src, dst, C, N * C, g, res);
     }
   });
   return gx;
+}
+
+}  // namespace
+
+at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
+  check_input(x_in, "x", 4);
+  return pool_forward_impl(kernel_layout(x_in), bins, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins,
+                                                       int64_t total_channels) {
+  check_input(x_in, "x", 4);
+  const at::Tensor x = kernel_layout(x_in);
+  TORCH_CHECK(total_channels >= x.size(1), "psp_kernels: total_channels must be >= C = ", x.size(1), ", got ",
+              total_channels);
+  at::Tensor concat = at::empty({x.size(0), total_channels, x.size(2), x.size(3)},
+                                x.options().memory_format(memory_format(layout_of(x))));
+  at::Tensor pooled = pool_forward_impl(x, bins, concat);
+  return {pooled, concat};
+}
+
+at::Tensor pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins, int64_t height,
+                         int64_t width, bool channels_last) {
+  return pool_backward_impl(grad_pooled, bins, height, width, channels_last, at::Tensor());
+}
+
+at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
+                             const at::Tensor& residual, bool channels_last) {
+  check_input(residual, "residual", 4);
+  TORCH_CHECK(residual.scalar_type() == grad_pooled.scalar_type(), "psp_kernels: residual must have grad_pooled's dtype ",
+              grad_pooled.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.size(0) == grad_pooled.size(0) && residual.size(1) == grad_pooled.size(1),
+              "psp_kernels: residual must be [N, C, H, W] with grad_pooled's N, C, got ", residual.sizes());
+  return pool_backward_impl(grad_pooled, bins, residual.size(2), residual.size(3), channels_last, residual);
 }
 
 }  // namespace psp::cpu

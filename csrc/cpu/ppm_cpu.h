@@ -1,7 +1,7 @@
 // CPU kernels of the fused pyramid pooling module (PPM): shared declarations and small helpers.
 //
-// Interface: exactly the six functions of psp_kernels/reference.py (same arguments, results,
-// dtypes and memory formats). Layout conventions (psp_kernels/geometry.py):
+// Interface: the six functions of psp_kernels/reference.py and its three fused-pass variants (same
+// arguments, results, dtypes and memory formats). Layout conventions (psp_kernels/geometry.py):
 //   - x [N, C, H, W] is read natively when NCHW-contiguous or channels_last (NHWC); any other
 //     strides are made contiguous first (see `kernel_layout`).
 //   - pooled [N, C, S] and branches [N, R, S] pack all bins of one (n, c) into one row of
@@ -34,6 +34,12 @@ namespace psp::cpu {
 at::Tensor pool_forward(const at::Tensor& x, const std::vector<int64_t>& bins);
 at::Tensor pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
                          int64_t height, int64_t width, bool channels_last);
+// Fused-pass variants (psp_kernels/reference.py): pooling that also copies x into a new concat
+// buffer [N, total_channels, H, W]; the pooling gradient plus a pass-through residual (any strides).
+std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x, const std::vector<int64_t>& bins,
+                                                       int64_t total_channels);
+at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
+                             const at::Tensor& residual, bool channels_last);
 
 // projection.cpp
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
@@ -52,6 +58,9 @@ at::Tensor upsample_forward(const at::Tensor& x, const at::Tensor& branches,
                             const std::vector<int64_t>& bins);
 at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64_t>& bins,
                              int64_t channels);
+// Writes the upsampled branches into concat[:, channels:] in place (x is already in concat[:, :channels]).
+void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
+                   int64_t channels);
 
 // ----------------------------------------------------------------------------------------------
 // Packed bin layout.

@@ -53,7 +53,8 @@ inline acc_t interpolate(const acc_t* src, int64_t b, int64_t lanes, const Tap<a
 // upsample_forward
 // ---------------------------------------------------------------------------------------------
 
-// NCHW. br: branches [N, R, S] in acc_t. Item = output plane (n, ch) of H*W values.
+// NCHW. br: branches [N, R, S] in acc_t. Item = output plane (n, ch) of H*W values; x == nullptr
+// (upsample_into): x's planes are already in out and are skipped.
 template <typename scalar_t, typename acc_t>
 void upsample_forward_nchw(const scalar_t* x, const acc_t* br, scalar_t* out, int64_t N, int64_t C,
                            int64_t R, int64_t H, int64_t W, const UpsampleGeometry<acc_t>& g) {
@@ -64,7 +65,7 @@ void upsample_forward_nchw(const scalar_t* x, const acc_t* br, scalar_t* out, in
       const int64_t n = item / total, ch = item % total;
       scalar_t* o = out + item * HW;
       if (ch < C) {
-        std::memcpy(o, x + (n * C + ch) * HW, HW * sizeof(scalar_t));
+        if (x) std::memcpy(o, x + (n * C + ch) * HW, HW * sizeof(scalar_t));
         continue;
       }
       const int64_t k = (ch - C) / R, r = (ch - C) % R, b = g.pb.sizes[k];
@@ -87,7 +88,7 @@ void upsample_forward_nchw(const scalar_t* x, const acc_t* br, scalar_t* out, in
 }
 
 // channels_last. bt: branches transposed to [N, S, R] in acc_t, so that the R values of one cell
-// are contiguous. Item = output row (n, h) of W pixels x (C + nb*R) channels.
+// are contiguous. Item = output row (n, h) of W pixels x (C + nb*R) channels; x == nullptr: as NCHW.
 template <typename scalar_t, typename acc_t>
 void upsample_forward_nhwc(const scalar_t* x, const acc_t* bt, scalar_t* out, int64_t N, int64_t C,
                            int64_t R, int64_t H, int64_t W, const UpsampleGeometry<acc_t>& g) {
@@ -97,7 +98,7 @@ void upsample_forward_nhwc(const scalar_t* x, const acc_t* bt, scalar_t* out, in
       const int64_t n = item / H, h = item % H;
       for (int64_t w = 0; w < W; ++w) {
         scalar_t* px = out + (item * W + w) * total;
-        std::memcpy(px, x + (item * W + w) * C, C * sizeof(scalar_t));
+        if (x) std::memcpy(px, x + (item * W + w) * C, C * sizeof(scalar_t));
         for (int64_t k = 0; k < g.pb.count(); ++k) {
           const acc_t* src = bt + (n * S + g.pb.offsets[k]) * R;
           const Tap<acc_t>& th = g.th[k][h];
@@ -199,30 +200,26 @@ void upsample_backward_nhwc(const scalar_t* go, scalar_t* gb, int64_t N, int64_t
   });
 }
 
-}  // namespace
-
-at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches,
-                            const std::vector<int64_t>& bins) {
+// Writes every branch, upsampled, into out[:, C:], and x into out[:, :C] unless x is undefined.
+void upsample_write(const at::Tensor& x, const at::Tensor& branches, const std::vector<int64_t>& bins,
+                    const at::Tensor& out, int64_t C) {
   at::NoGradGuard no_grad;  // branches.to() below must not record autograd
-  check_input(x_in, "x", 4);
   const PackedBins pb = packed_bins(bins);
   check_packed(branches, "branches", pb);
-  TORCH_CHECK(branches.size(0) == x_in.size(0), "psp_kernels: branches batch ", branches.size(0),
-              " does not match x batch ", x_in.size(0));
-  const at::Tensor x = kernel_layout(x_in);
-  const Layout layout = layout_of(x);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), R = branches.size(1);
-  at::Tensor out = at::empty({N, C + pb.count() * R, H, W}, x.options().memory_format(memory_format(layout)));
-  if (out.numel() == 0) return out;
+  const int64_t N = out.size(0), H = out.size(2), W = out.size(3), R = branches.size(1);
+  TORCH_CHECK(branches.size(0) == N, "psp_kernels: branches batch ", branches.size(0), " does not match x batch ", N);
+  TORCH_CHECK(out.size(1) == C + pb.count() * R, "psp_kernels: the concat has ", out.size(1),
+              " channels, expected C + len(bins) * R = ", C + pb.count() * R);
+  if (out.numel() == 0) return;
   // The branches are tiny ([N, R, S]): convert them to the accumulation type once (and for
   // channels_last transpose to [N, S, R]) so the kernels read acc_t cells directly.
-  const at::Tensor bacc = branches.to(acc_dtype(x.scalar_type()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psp_upsample_forward", [&] {
+  const at::Tensor bacc = branches.to(acc_dtype(out.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "psp_upsample_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto g = upsample_geometry<acc_t>(bins, H, W);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.defined() ? x.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    if (layout == Layout::NHWC) {
+    if (layout_of(out) == Layout::NHWC) {
       const at::Tensor bt = bacc.permute({0, 2, 1}).contiguous();
       upsample_forward_nhwc<scalar_t, acc_t>(xp, bt.const_data_ptr<acc_t>(), op, N, C, R, H, W, g);
     } else {
@@ -230,7 +227,28 @@ at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches,
       upsample_forward_nchw<scalar_t, acc_t>(xp, br.const_data_ptr<acc_t>(), op, N, C, R, H, W, g);
     }
   });
+}
+
+}  // namespace
+
+at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches,
+                            const std::vector<int64_t>& bins) {
+  check_input(x_in, "x", 4);
+  check_input(branches, "branches", 3);
+  const at::Tensor x = kernel_layout(x_in);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t total = C + static_cast<int64_t>(bins.size()) * branches.size(1);
+  at::Tensor out = at::empty({N, total, H, W}, x.options().memory_format(memory_format(layout_of(x))));
+  upsample_write(x, branches, bins, out, C);
   return out;
+}
+
+void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
+                   int64_t channels) {
+  check_input(concat, "concat", 4);
+  TORCH_CHECK(concat.is_contiguous() || concat.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "psp_kernels: concat must be NCHW-contiguous or channels_last");
+  upsample_write(at::Tensor(), branches, bins, concat, channels);
 }
 
 at::Tensor upsample_backward(const at::Tensor& grad_out_in, const std::vector<int64_t>& bins,

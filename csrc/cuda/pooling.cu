@@ -292,6 +292,7 @@ void pooling_pass(const at::Tensor& x, const PackedBins& pb, const at::Tensor& o
 // grad_pooled [N, C, S] -> grad_x [N, C, H, W] in the requested layout, plus residual when given.
 at::Tensor pool_backward_pass(const at::Tensor& grad_pooled_in, const PackedBins& pb, int64_t height,
                               int64_t width, bool channels_last, const at::Tensor* residual) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   const PoolGeometry g = pool_geometry(pb, height, width);
   const at::Tensor gp = grad_pooled_in.contiguous();
   const int64_t N = gp.size(0), C = gp.size(1);
@@ -321,6 +322,7 @@ at::Tensor pool_backward_pass(const at::Tensor& grad_pooled_in, const PackedBins
 }  // namespace
 
 at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(x_in, "x", 4);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const PackedBins pb = cuda_bins(bins);
@@ -333,6 +335,7 @@ at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins
 
 std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins,
                                                        int64_t total_channels) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(x_in, "x", 4);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const PackedBins pb = cuda_bins(bins);

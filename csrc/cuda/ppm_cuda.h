@@ -73,7 +73,6 @@ void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const s
 
 namespace psp::cuda {
 
-using cpu::Layout;
 using cpu::PackedBins;
 
 // ----------------------------------------------------------------------------------------------
@@ -117,23 +116,6 @@ inline PackedBins cuda_bins(const std::vector<int64_t>& bins) {
   TORCH_CHECK(pb.count() <= kMaxBins, "psp_kernels (CUDA): at most ", kMaxBins, " bins are supported, got ",
               pb.count());
   return pb;
-}
-
-// Bin sizes and packed offsets, passed to kernels by value.
-struct BinTable {
-  int nb;
-  int size[kMaxBins];
-  int offset[kMaxBins];
-};
-
-inline BinTable bin_table(const PackedBins& pb) {
-  BinTable t{};
-  t.nb = static_cast<int>(pb.count());
-  for (int k = 0; k < t.nb; ++k) {
-    t.size[k] = static_cast<int>(pb.sizes[k]);
-    t.offset[k] = static_cast<int>(pb.offsets[k]);
-  }
-  return t;
 }
 
 // Strides of a 4-D tensor with stride(h) == W * stride(w): element (n, c, h, w) sits at

@@ -26,6 +26,23 @@ namespace {
 // Per-bin arguments (by value)
 // ---------------------------------------------------------------------------------------------
 
+// Bin sizes and packed offsets, passed to the per-channel kernels by value.
+struct BinTable {
+  int nb;
+  int size[kMaxBins];
+  int offset[kMaxBins];
+};
+
+BinTable bin_table(const PackedBins& pb) {
+  BinTable t{};
+  t.nb = static_cast<int>(pb.count());
+  for (int k = 0; k < t.nb; ++k) {
+    t.size[k] = static_cast<int>(pb.sizes[k]);
+    t.offset[k] = static_cast<int>(pb.offsets[k]);
+  }
+  return t;
+}
+
 // Weights W_k [R, C] row-major, all of one dtype w_t.
 template <typename w_t>
 struct WeightPtrs {
@@ -264,10 +281,11 @@ __device__ inline int64_t packed_index(int m, int x, int64_t X, int S, int off, 
 // tile copy those statistics to mean/var (each (k, r) by one thread).
 template <typename scalar_t, typename w_t>
 __global__ void __launch_bounds__(kGemmThreads)
-    project_forward_kernel(const scalar_t* __restrict__ pooled, const __grid_constant__ WeightPtrs<w_t> w, const __grid_constant__ BnParams bn,
-                           const __grid_constant__ BinGrid grid, int N, int C, int R, int S, double eps,
-                           bool training, at::opmath_type<scalar_t>* __restrict__ z, scalar_t* __restrict__ out,
-                           at::opmath_type<scalar_t>* __restrict__ mean, at::opmath_type<scalar_t>* __restrict__ var) {
+    project_forward_kernel(const scalar_t* __restrict__ pooled, const __grid_constant__ WeightPtrs<w_t> w,
+                           const __grid_constant__ BnParams bn, const __grid_constant__ BinGrid grid, int N, int C,
+                           int R, int S, double eps, bool training, at::opmath_type<scalar_t>* __restrict__ z,
+                           scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ mean,
+                           at::opmath_type<scalar_t>* __restrict__ var) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tile tile = tile_of(grid);
   const int k = tile.k, bb = grid.size[k] * grid.size[k], off = grid.offset[k], M = N * bb;
@@ -308,8 +326,9 @@ constexpr int kWarps = 8;
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32)
     project_stats_kernel(const at::opmath_type<scalar_t>* __restrict__ z, const __grid_constant__ BnParams bn,
-                         const __grid_constant__ BinTable bins, int N, int R, int S, double eps, scalar_t* __restrict__ out,
-                         at::opmath_type<scalar_t>* __restrict__ mean, at::opmath_type<scalar_t>* __restrict__ var) {
+                         const __grid_constant__ BinTable bins, int N, int R, int S, double eps,
+                         scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ mean,
+                         at::opmath_type<scalar_t>* __restrict__ var) {
   using acc_t = at::opmath_type<scalar_t>;
   const int rblocks = static_cast<int>(div_up(R, kWarps));
   const int k = blockIdx.x / rblocks, r = (blockIdx.x % rblocks) * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -346,7 +365,8 @@ __global__ void __launch_bounds__(kWarps * 32)
                                const at::opmath_type<scalar_t>* __restrict__ mean,
                                const at::opmath_type<scalar_t>* __restrict__ var, const __grid_constant__ BnParams bn,
                                const __grid_constant__ BinTable bins, int N, int R, int S, double eps, bool training,
-                               at::opmath_type<scalar_t>* __restrict__ dz, at::opmath_type<scalar_t>* __restrict__ dgamma,
+                               at::opmath_type<scalar_t>* __restrict__ dz,
+                               at::opmath_type<scalar_t>* __restrict__ dgamma,
                                at::opmath_type<scalar_t>* __restrict__ dbeta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int rblocks = static_cast<int>(div_up(R, kWarps));
@@ -514,6 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
     const at::Tensor& pooled_in, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
     const std::vector<at::Tensor>& betas, const std::vector<at::Tensor>& running_means,
     const std::vector<at::Tensor>& running_vars, const std::vector<int64_t>& bins, bool training, double eps) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   const PackedBins pb = cuda_bins(bins);
   check_cuda_packed(pooled_in, "pooled", pb);
   const c10::cuda::CUDAGuard guard(pooled_in.device());
@@ -574,6 +595,7 @@ project_backward(const at::Tensor& grad_out_in, const at::Tensor& pooled_in, con
                  const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
                  const std::vector<at::Tensor>& betas, const at::Tensor& mean_in, const at::Tensor& var_in,
                  const std::vector<int64_t>& bins, bool training, double eps) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   const PackedBins pb = cuda_bins(bins);
   check_cuda_packed(pooled_in, "pooled", pb);
   const at::Device device = pooled_in.device();

@@ -249,6 +249,7 @@ constexpr int64_t kBwdSmemBudget = 48 * 1024;
 
 void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
                    int64_t channels) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(concat, "concat", 4);
   const c10::cuda::CUDAGuard guard(concat.device());
   const PackedBins pb = cuda_bins(bins);
@@ -259,6 +260,7 @@ void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const s
 }
 
 at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches, const std::vector<int64_t>& bins) {
+  const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(x_in, "x", 4);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const PackedBins pb = cuda_bins(bins);
