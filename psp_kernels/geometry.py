@@ -111,3 +111,22 @@ def split_bins(packed: torch.Tensor, bins: Sequence[int]) -> list[torch.Tensor]:
     """Views [N, C, b, b] of each bin of a packed [N, C, S] tensor, in ``bins`` order."""
     n, c, _ = packed.shape
     return [packed[:, :, off:off + b * b].reshape(n, c, b, b) for b, off in zip(bins, bin_offsets(bins))]
+
+
+def shifted_interpolation(out_size: int, in_size: int, kernel: int, padding: int, dilation: int,
+                          dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per tap of a conv along one axis, the bilinear interpolation matrix shifted to that tap: [kernel, out, in].
+
+    Row ``t`` of tap ``k`` is row ``t + k*dilation - padding`` of ``interpolation_matrix(out_size, in_size)``
+    (align_corners=True), or **zero** when that position falls outside ``[0, out_size)``: the conv's zero
+    padding of the upsampled map, not an extrapolated or clamped row. With it, a conv of an upsampled
+    b x b map is ``sum_taps B_ky (W_tap p) B_kx^T`` at bin resolution (performance.md §2).
+    """
+    a = interpolation_matrix(out_size, in_size, dtype, device)
+    out = a.new_zeros(kernel, out_size, in_size)
+    for k in range(kernel):
+        off = k * dilation - padding
+        lo, hi = max(0, -off), min(out_size, out_size - off)
+        if lo < hi:
+            out[k, lo:hi] = a[lo + off:hi + off]
+    return out

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .geometry import DEFAULT_BINS, check_bins
-from .ops import pyramid_pooling
+from .ops import multibin_avg_pool, project_bn_relu, pyramid_pooling
 from .reference import SemsegPPM
 
 
@@ -64,6 +64,22 @@ class PyramidPooling(SemsegPPM):
         return pyramid_pooling(
             x, [f[1].weight for f in self.features], [bn.weight for bn in bns], [bn.bias for bn in bns],
             [bn.running_mean for bn in bns], [bn.running_var for bn in bns], self.bins,
+            training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
+            num_batches_tracked=[bn.num_batches_tracked for bn in bns])
+
+    def branches(self, x: torch.Tensor) -> torch.Tensor:
+        """Every bin's branch (pool -> 1x1 conv -> BN -> ReLU) at bin resolution, before upsampling.
+
+        x [N, C, H, W] -> packed branches [N, R, S] in x's dtype (bin k at ``[:, :, off_k:off_k + b*b]``,
+        see ``geometry.split_bins``); BatchNorm as in :meth:`forward` (training updates the running
+        statistics). Used by the concat-free head (:class:`psp_kernels.PSPHead`).
+        """
+        if not self.fused:
+            return torch.cat([f(x).flatten(2) for f in self.features], dim=2)
+        bns = self._batch_norms()
+        return project_bn_relu(
+            multibin_avg_pool(x, self.bins), [f[1].weight for f in self.features], [bn.weight for bn in bns],
+            [bn.bias for bn in bns], [bn.running_mean for bn in bns], [bn.running_var for bn in bns], self.bins,
             training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
             num_batches_tracked=[bn.num_batches_tracked for bn in bns])
 

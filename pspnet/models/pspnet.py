@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psp_kernels import PyramidPooling
+from psp_kernels.head import concat_free_head
 from psp_kernels.geometry import DEFAULT_BINS, check_bins
 
 from .resnet import RESNET_BLOCKS, ResNet, dilate_layer
@@ -72,7 +73,9 @@ class PSPNet(nn.Module):
             :func:`output_size`).
         aux_weight: weight of the aux loss, stored for the trainer (``loss = main + aux_weight * aux``;
             semseg: 0.4). Not used inside the model. Must be >= 0.
-        fused: passed to :class:`psp_kernels.PyramidPooling` (fused kernels vs semseg's module math).
+        fused: the fused PPM kernels (:class:`psp_kernels.PyramidPooling`) and the concat-free head
+            (:func:`psp_kernels.head.concat_free_head`: ``cls.0``-``cls.2`` without the 2C-channel concat);
+            ``False`` runs semseg's module math for both. Same parameters and results either way.
         criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
             ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
 
@@ -212,8 +215,10 @@ class PSPNet(nn.Module):
         x = self.layer2(x)
         x_tmp = self.layer3(x)
         x = self.layer4(x_tmp)
-        x = self.ppm(x)
-        x = self.cls(x)
+        if self.fused:
+            x = self.cls[4](self.cls[3](concat_free_head(x, self.ppm, self.cls[0], self.cls[1])))
+        else:
+            x = self.cls(self.ppm(x))
         if tuple(x.shape[2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
 

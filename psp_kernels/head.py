@@ -1,0 +1,135 @@
+"""Concat-free PSP head: pyramid pooling + semseg's 3x3 conv + BN + ReLU without the 2C-channel concat.
+
+semseg's head computes ``relu(bn(conv3x3(cat([x, up(p_1), up(p_2), up(p_3), up(p_6)]))))``. The conv splits
+by input channel, and upsampling is linear and spatial while the conv mixes channels per tap, so the
+branch half is computed exactly at bin resolution (performance.md §2):
+
+    conv(up(p_b); W_b) = sum over taps (ky, kx) of  B_{b,ky} (W_b[:, :, ky, kx] p_b) B_{b,kx}^T
+
+with ``B_{b,k}`` the bilinear interpolation matrix shifted to tap k and **zero** outside the image (the
+conv's zero padding; ``geometry.shifted_interpolation``). The big conv runs on x's C channels only (half
+the FLOPs of the concat conv, forward and backward) and neither the concat nor the upsampled branches
+are materialised; the branch term is added before BatchNorm, so BN's batch statistics are those of the
+full conv output. Parameters are semseg's tensors: ``ppm.features.*``, ``cls.0.weight`` [O, C + nb*R,
+3, 3] (its first C input channels act on x, then each bin's R), ``cls.1.*``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .geometry import DEFAULT_BINS, acc_dtype, shifted_interpolation, split_bins
+from .modules import PyramidPooling
+
+_MATRIX_CACHE: dict = {}
+
+
+def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, device) -> torch.Tensor:
+    key = (size, b, kernel, padding, dilation, dtype, str(device))
+    if key not in _MATRIX_CACHE:
+        _MATRIX_CACHE[key] = shifted_interpolation(size, b, kernel, padding, dilation, dtype, device)
+    return _MATRIX_CACHE[key]
+
+
+def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
+                padding: int = 1, dilation: int = 1) -> torch.Tensor:
+    """``conv2d(cat([up(p_b) for b in bins]), weight)`` (no bias) computed at bin resolution.
+
+    Args:
+        branches: packed branches [N, R, S] (``PyramidPooling.branches``), any float dtype.
+        weight: [O, nb*R, kh, kw], the branch slice of the head conv's weight (bins in order).
+        bins: the bin sizes; size: (H, W) of the map the branches are upsampled to (align_corners=True).
+        padding, dilation: the conv's (zero) padding and dilation, the same on both axes; stride 1.
+
+    Returns:
+        [N, O, H, W] in the accumulation dtype (fp32, fp64 for fp64), NCHW. Differentiable w.r.t.
+        branches and weight. Cost: a channel mix on the b x b grids, then two small products with the
+        shifted interpolation matrices (K = kh*b, then kw*sum(b)).
+    """
+    n, r, _ = branches.shape
+    o, _, kh, kw = weight.shape
+    height, width = size
+    dt, dev = acc_dtype(branches.dtype), branches.device
+    us, bws = [], []
+    # One unbind (and one split in the caller): their backwards write the weight gradient in one pass,
+    # where per-bin slices would each zero-fill a full-size gradient.
+    per_bin = weight.to(dt).unflatten(1, (len(bins), r)).unbind(1)
+    for b, p, w in zip(bins, split_bins(branches.to(dt), bins), per_bin):
+        q = torch.einsum("orij,nrab->noijab", w, p)                                   # [N, O, kh, kw, b, b]
+        bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
+        us.append(torch.einsum("iha,noijab->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
+        bws.append(_taps(width, b, kw, padding, dilation, dt, dev).permute(1, 0, 2).reshape(width, kw * b))
+    return torch.matmul(torch.cat(us, dim=3), torch.cat(bws, dim=1).t())             # [N, O, H, W]
+
+
+def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``relu(bn(conv(ppm(x))))`` of semseg's head, without the concat (see the module docstring).
+
+    Args:
+        x: [N, C, H, W] (NCHW or channels_last), the backbone features.
+        ppm: the pyramid pooling module (its ``features.*`` parameters and BN).
+        conv: semseg's ``cls.0``: Conv2d(C + nb*R, O, 3x3, stride 1, padding = dilation, no bias, groups 1).
+        bn: semseg's ``cls.1``: BatchNorm2d(O); train mode uses and updates batch statistics as usual.
+
+    Returns:
+        [N, O, H, W] in x's dtype and memory format.
+
+    Raises:
+        ValueError: a conv this identity does not cover (stride, groups, bias, padding mode, or a channel
+            count other than C + nb*R).
+    """
+    c = x.shape[1]
+    k = conv.kernel_size
+    if (conv.stride != (1, 1) or conv.groups != 1 or conv.bias is not None or conv.padding_mode != "zeros"
+            or k[0] != k[1] or conv.padding[0] != conv.padding[1] or conv.dilation[0] != conv.dilation[1]
+            or conv.in_channels != c + len(ppm.bins) * ppm.features[0][1].out_channels):
+        raise ValueError("concat_free_head needs the PSP head conv: stride 1, groups 1, no bias, zero padding, "
+                         f"square kernel/padding/dilation and {c} + len(bins) * R input channels; got {conv}")
+    w_x, w_b = conv.weight.split([c, conv.in_channels - c], dim=1)
+    y = F.conv2d(x, w_x, padding=conv.padding, dilation=conv.dilation)
+    branch = branch_conv(ppm.branches(x), w_b, ppm.bins, tuple(x.shape[2:]), conv.padding[0],
+                         conv.dilation[0])
+    y = (y + branch.contiguous(memory_format=torch.channels_last if y.stride(1) == 1 and c > 1
+                               else torch.contiguous_format)).to(x.dtype)
+    return F.relu(bn(y))
+
+
+class PSPHead(nn.Module):
+    """PSPNet's pyramid pooling module + 3x3 conv + BN + ReLU (semseg's ``ppm`` and ``cls.0``-``cls.2``),
+    concat-free.
+
+    Args:
+        in_channels: C (2048 for PSPNet-50); reduction_channels: R per bin (semseg: C // len(bins)).
+        out_channels: O of the 3x3 conv (semseg: 512); bins: pyramid sizes.
+        fused: the concat-free forward (default); ``False`` runs semseg's concat head.
+
+    Forward: x [N, C, H, W] fp16/bf16/fp32/fp64 (NCHW or channels_last) -> [N, O, H, W], x's dtype and
+    memory format. state_dict: ``ppm.features.{i}.*`` and ``cls.0.weight`` [O, C + nb*R, 3, 3], ``cls.1.*``:
+    semseg's keys, so a semseg checkpoint's head loads unchanged (e.g. with ``strict=False``, or after
+    dropping its ``cls.4`` keys).
+
+    Source: Zhao et al., CVPR 2017, Sec. 3.2; hszhao/semseg ``model/pspnet.py``; performance.md §2.
+    """
+
+    def __init__(self, in_channels: int, reduction_channels: int, out_channels: int = 512,
+                 bins: Sequence[int] = DEFAULT_BINS, fused: bool = True):
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels, reduction_channels, bins)
+        self.cls = nn.Sequential(
+            nn.Conv2d(in_channels + len(self.ppm.bins) * reduction_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.cls(self.ppm(x))
+        return concat_free_head(x, self.ppm, self.cls[0], self.cls[1])
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}"
