@@ -35,6 +35,26 @@ def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, de
     return _MATRIX_CACHE[key]
 
 
+class _TapMix(torch.autograd.Function):
+    """q[n, o, t, s] = sum_r w[o, r, t] p[n, r, s], the per-tap channel mix on the bin grid.
+
+    Autograd of the einsum would save the permuted copy of w it multiplies with (9 * O * R values per
+    bin); this saves w itself (a view of the conv weight) and p, and permutes again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, p)
+        return torch.einsum("ort,nrs->nots", w, p)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor):
+        w, p = ctx.saved_tensors
+        grad_w = torch.einsum("nots,nrs->ort", grad_q, p) if ctx.needs_input_grad[0] else None
+        grad_p = torch.einsum("nots,ort->nrs", grad_q, w) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_p
+
+
 def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
                 padding: int = 1, dilation: int = 1) -> torch.Tensor:
     """``conv2d(cat([up(p_b) for b in bins]), weight)`` (no bias) computed at bin resolution.
@@ -59,7 +79,7 @@ def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int
     # where per-bin slices would each zero-fill a full-size gradient.
     per_bin = weight.to(dt).unflatten(1, (len(bins), r)).unbind(1)
     for b, p, w in zip(bins, split_bins(branches.to(dt), bins), per_bin):
-        q = torch.einsum("orij,nrab->noijab", w, p)                                   # [N, O, kh, kw, b, b]
+        q = _TapMix.apply(w.flatten(2), p.flatten(2)).reshape(n, o, kh, kw, b, b)      # [N, O, kh, kw, b, b]
         bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
         us.append(torch.einsum("iha,noijab->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
         bws.append(_taps(width, b, kw, padding, dilation, dt, dev).permute(1, 0, 2).reshape(width, kw * b))

@@ -1,0 +1,37 @@
+"""Smoke test of bench/head_bench.py on CPU: a tiny head and PSPNet-50 step end to end; JSON and markdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "head_bench.py"
+
+
+def test_head_bench_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("head_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    stem = module.main(["--device", "cpu", "--batch", "2", "--channels", "32", "--size", "12", "--rounds", "1",
+                        "--no-compile", "--model-size", "33", "--out", str(tmp_path)])
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    heads = {(r["case"], r["impl"]): r for r in rows if r["case"] in ("fwd", "fwd+bwd")}
+    assert set(heads) == {(c, i) for c in ("fwd", "fwd+bwd") for i in ("eager_concat", "concat_free")}
+    for r in heads.values():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and math.isfinite(r["tflops"])
+        assert r["rel_err"] < 1e-5 and r["deterministic_bitwise"]
+    # The concat conv does twice the x-half conv's FLOPs; only the train case saves tensors for backward.
+    assert heads[("fwd", "eager_concat")]["flops"] == 2 * heads[("fwd", "concat_free")]["flops"]
+    free, concat = heads[("fwd+bwd", "concat_free")], heads[("fwd+bwd", "eager_concat")]
+    assert "saved_bytes" not in heads[("fwd", "concat_free")]
+    assert 0 < free["saved_bytes_beyond_x"] < free["saved_bytes"]          # x itself is saved (conv wgrad)
+    assert free["saved_bytes_beyond_x"] < concat["saved_bytes_beyond_x"]    # no concat, no upsampled branches
+    steps = {r["impl"]: r for r in rows if r["case"] == "train step"}
+    assert set(steps) == {"pspnet50_fused", "pspnet50_reference"}
+    assert steps["pspnet50_reference"]["speedup_vs_reference"] == 1.0
+    text = stem.with_suffix(".md").read_text()
+    assert "concat_free" in text and "pspnet50_fused" in text
