@@ -188,12 +188,20 @@ def test_project_backward(ext, dtype, param_dtype, shape, bins, training):
     pooled = rand(n, c, packed_size(bins), dtype=dtype, seed=5)
     ws, gammas, betas, means, vars_ = bn_params(c, r, bins, param_dtype)
     _, z, mean, var = ext.project_forward(pooled, ws, gammas, betas, means, vars_, bins, training, EPS)
-    grad_out = rand(n, r, packed_size(bins), dtype=dtype, seed=7)
-    gp, gw, gg, gb = ext.project_backward(grad_out, pooled, z, ws, gammas, betas, mean, var, bins, training, EPS)
+    check_project_backward(ext, pooled, z, mean, var, ws, gammas, betas, bins, training)
+
+
+def check_project_backward(backend, pooled, z, mean, var, ws, gammas, betas, bins, training):
+    """``backend.project_backward`` of a random grad_out against the reference at float64 from the same
+    z / mean / var (so the ReLU masks agree); also used by tests/test_cuda.py."""
+    n, r = z.shape[:2]
+    dtype, acc = pooled.dtype, acc_of(pooled.dtype)
+    grad_out = rand(n, r, packed_size(bins), dtype=dtype, seed=7).to(pooled.device)
+    gp, gw, gg, gb = backend.project_backward(grad_out, pooled, z, ws, gammas, betas, mean, var, bins, training,
+                                              EPS)
     e_gp, e_gw, e_gg, e_gb = ref.project_backward(grad_out.double(), pooled.double(), z.double(), f64(ws),
                                                   f64(gammas), f64(betas), mean.double(), var.double(), bins,
                                                   training, EPS)
-    acc = acc_of(dtype)
     assert gp.dtype == dtype and gp.is_contiguous()
     assert_close(gp, e_gp, dtype, "grad_pooled")
     assert isinstance(gw, list) and len(gw) == len(gg) == len(gb) == len(bins)

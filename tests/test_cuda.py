@@ -36,8 +36,8 @@ from torch.utils import cpp_extension
 
 from psp_kernels import reference as ref
 from psp_kernels.geometry import packed_size
-from test_cpp import (DTYPE_PAIR_IDS, DTYPE_PAIRS, DTYPES, EPS, acc_of, assert_close, bn_params, f64, flat, is_nhwc,
-                      rand)
+from test_cpp import (DTYPE_PAIR_IDS, DTYPE_PAIRS, DTYPES, EPS, acc_of, assert_close, bn_params, check_project_backward,
+                      f64, is_nhwc, rand)
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -273,20 +273,7 @@ def check_project(cu, dtype, param_dtype, shape, bins, training, r, check_backwa
     assert_close(out, e_out, dtype, "out")
     if not check_backward:
         return
-    ws, gammas, betas = params[:3]
-    grad_out = rand(n, r, packed_size(bins), dtype=dtype, seed=7).to(DEV)
-    gp, gw, gg, gb = cu.project_backward(grad_out, pooled, z, ws, gammas, betas, mean, var, bins, training, EPS)
-    e_gp, e_gw, e_gg, e_gb = ref.project_backward(grad_out.double(), pooled.double(), z.double(), f64(ws),
-                                                  f64(gammas), f64(betas), mean.double(), var.double(), bins,
-                                                  training, EPS)
-    assert gp.dtype == dtype and gp.is_contiguous()
-    assert_close(gp, e_gp, dtype, "grad_pooled")
-    assert isinstance(gw, list) and len(gw) == len(gg) == len(gb) == len(bins)
-    for k in range(len(bins)):
-        assert gw[k].shape == ws[k].shape and gw[k].dtype == acc
-        assert gg[k].shape == gb[k].shape == (r,) and gg[k].dtype == gb[k].dtype == acc
-    for what, got_k, exp_k in (("grad_w", gw, e_gw), ("grad_gamma", gg, e_gg), ("grad_beta", gb, e_gb)):
-        assert_close(flat(got_k), flat(exp_k), acc, what)
+    check_project_backward(cu, pooled, z, mean, var, *params[:3], bins, training)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
