@@ -9,27 +9,13 @@
 // one task item per (bin, channel), so each statistic has a fixed summation order independent of
 // the thread count.
 #include "ppm_cpu.h"
+#include "../bn_affine.h"
 
 #include <cmath>
 #include <cstring>
 
 namespace psp::cpu {
 namespace {
-
-// BatchNorm as an affine map: y = z * scale + shift (scale = gamma / sqrt(var + eps)).
-template <typename acc_t>
-struct BnAffine {
-  acc_t invstd;
-  acc_t scale;
-  acc_t shift;
-};
-
-template <typename acc_t>
-inline BnAffine<acc_t> bn_affine(acc_t gamma, acc_t beta, acc_t mean, acc_t var, double eps) {
-  const acc_t invstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-  const acc_t scale = gamma * invstd;
-  return {invstd, scale, beta - mean * scale};
-}
 
 // ReLU that propagates NaN like torch.relu.
 template <typename acc_t>

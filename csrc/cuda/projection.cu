@@ -18,6 +18,7 @@
 // project_backward 3 (BN backward -> dz; dgrad; wgrad). Per-bin weights and BN parameters reach the
 // kernels as pointers in by-value structs (no stacking, no host-to-device copy).
 #include "ppm_cuda.h"
+#include "../bn_affine.h"
 
 namespace psp::cuda {
 namespace {
@@ -76,21 +77,6 @@ __device__ inline acc_t load_param(const Param& p, int i) {
     default:
       return static_cast<acc_t>(static_cast<const double*>(p.data)[i]);
   }
-}
-
-// BatchNorm as an affine map: y = z * scale + shift (scale = gamma / sqrt(var + eps)).
-template <typename acc_t>
-struct BnAffine {
-  acc_t invstd;
-  acc_t scale;
-  acc_t shift;
-};
-
-template <typename acc_t>
-__device__ inline BnAffine<acc_t> bn_affine(acc_t gamma, acc_t beta, acc_t mean, acc_t var, double eps) {
-  const acc_t invstd = acc_t(1) / ::sqrt(var + static_cast<acc_t>(eps));
-  const acc_t scale = gamma * invstd;
-  return {invstd, scale, beta - mean * scale};
 }
 
 // ---------------------------------------------------------------------------------------------

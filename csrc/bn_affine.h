@@ -1,0 +1,25 @@
+// BatchNorm as an affine map, shared by the CPU and CUDA projection kernels:
+// y = z * scale + shift with invstd = 1 / sqrt(var + eps), scale = gamma * invstd, shift = beta - mean * scale.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace psp {
+
+template <typename acc_t>
+struct BnAffine {
+  acc_t invstd;
+  acc_t scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline BnAffine<acc_t> bn_affine(acc_t gamma, acc_t beta, acc_t mean, acc_t var, double eps) {
+  const acc_t invstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+  const acc_t scale = gamma * invstd;
+  return {invstd, scale, beta - mean * scale};
+}
+
+}  // namespace psp
