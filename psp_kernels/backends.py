@@ -117,7 +117,7 @@ class MeasuredChoice:
     def __getattr__(self, name: str) -> Callable:
         impls = {key: getattr(mod, name) for key, mod in self.candidates.items() if hasattr(mod, name)}
         if not impls:
-            raise AttributeError(name)             # optional fused-pass function that no candidate has
+            raise AttributeError(name)             # no candidate has it: hasattr() must say so
 
         def dispatch(*args):
             key = (name, tuple(_shape_class(a) for a in args))
@@ -138,8 +138,8 @@ def resolve(device: torch.device, name: str | None = None) -> ModuleType | Measu
     """Return the backend for tensors on ``device``.
 
     The backend provides ``pool_forward``, ``pool_backward``, ``project_forward``, ``project_backward``,
-    ``upsample_forward`` and ``upsample_backward``, and optionally the fused-pass functions
-    ``pool_concat_forward``, ``upsample_into``, ``pool_backward_add`` (see ``psp_kernels.reference``).
+    ``upsample_forward`` and ``upsample_backward``, and the fused-pass functions ``pool_concat_forward``,
+    ``upsample_into``, ``pool_backward_add`` (see ``psp_kernels.reference``).
 
     Raises:
         ValueError: unknown backend name.

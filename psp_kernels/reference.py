@@ -1,10 +1,9 @@
 """Pure-PyTorch oracle: semseg's pyramid pooling math, and the backend interface every kernel implements.
 
 Every backend (this module, ``psp_kernels.triton``, the compiled ``psp_kernels._C``) provides the same
-six functions with the same arguments and results, and optionally the three fused-pass variants at the
-end of this module (``pool_concat_forward``, ``upsample_into``, ``pool_backward_add``; the whole-PPM op
-composes them from the six where a backend lacks them). ``psp_kernels.ops`` calls them through
-``psp_kernels.backends``. Layout conventions (see ``psp_kernels.geometry``):
+six functions with the same arguments and results, and the three fused-pass variants at the end of this
+module (``pool_concat_forward``, ``upsample_into``, ``pool_backward_add``, used by the whole-PPM op).
+``psp_kernels.ops`` calls them through ``psp_kernels.backends``. Layout conventions (see ``psp_kernels.geometry``):
 
 - ``pooled`` [N, C, S] and ``branches`` [N, R, S]: bins packed along the last dim, contiguous,
   dtype of x. ``z``, ``mean``, ``var`` are in the accumulation dtype (fp64 for fp64, else fp32).

@@ -7,9 +7,6 @@ of every bin), then the upsampling pass writes only the branch channels of that 
 Backward: the transposed interpolation reads the branch half of the gradient, the projection backward
 is tiny, and the pooling backward adds the pass-through gradient of x in the same pass
 (``pool_backward_add``): 3P, against 5P for the separate ops. x itself is not saved for backward.
-
-Backends without the three fused-pass functions (``psp_kernels.reference`` documents them) are composed
-from the six basic ones, with the same results.
 """
 
 from __future__ import annotations
@@ -24,26 +21,6 @@ from ._checks import check_tensor, layout_for_kernels
 from .projection import check_branch_params, stack_param_grads, unstack_param_grads, update_running_stats
 
 
-def _pool_concat(backend, x, bins, total):
-    if hasattr(backend, "pool_concat_forward"):
-        return backend.pool_concat_forward(x, bins, total)
-    return backend.pool_forward(x, bins), None
-
-
-def _upsample_into(backend, concat, x, branches, bins):
-    if concat is None:
-        return backend.upsample_forward(x, branches, bins)
-    backend.upsample_into(concat, branches, bins, x.shape[1])
-    return concat
-
-
-def _pool_backward_add(backend, grad_pooled, bins, residual, channels_last):
-    if hasattr(backend, "pool_backward_add"):
-        return backend.pool_backward_add(grad_pooled, bins, residual, channels_last)
-    _, _, h, w = residual.shape
-    return backend.pool_backward(grad_pooled, bins, h, w, channels_last) + residual
-
-
 @torch.library.custom_op("psp::pyramid_pooling", mutates_args=())
 def _ppm(x: torch.Tensor, weights: list[torch.Tensor], gammas: list[torch.Tensor], betas: list[torch.Tensor],
          running_means: list[torch.Tensor], running_vars: list[torch.Tensor], bins: Sequence[int],
@@ -51,10 +28,11 @@ def _ppm(x: torch.Tensor, weights: list[torch.Tensor], gammas: list[torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (concat, pooled, z, mean, var); the last four are saved for backward / the BN update."""
     backend, bins, x = resolve(x.device), list(bins), layout_for_kernels(x)
-    pooled, concat = _pool_concat(backend, x, bins, x.shape[1] + len(bins) * weights[0].shape[0])
+    pooled, concat = backend.pool_concat_forward(x, bins, x.shape[1] + len(bins) * weights[0].shape[0])
     branches, z, mean, var = backend.project_forward(pooled, weights, gammas, betas, running_means,
                                                      running_vars, bins, training, eps)
-    return _upsample_into(backend, concat, x, branches, bins), pooled, z, mean, var
+    backend.upsample_into(concat, branches, bins, x.shape[1])
+    return concat, pooled, z, mean, var
 
 
 @_ppm.register_fake
@@ -80,7 +58,7 @@ def _ppm_backward(grad_concat: torch.Tensor, pooled: torch.Tensor, z: torch.Tens
     grad_branches = backend.upsample_backward(g, bins, c)
     grad_pooled, grad_w, grad_gamma, grad_beta = backend.project_backward(
         grad_branches, pooled, z, weights, gammas, betas, mean, var, bins, training, eps)
-    grad_x = _pool_backward_add(backend, grad_pooled, bins, g[:, :c], channels_last)
+    grad_x = backend.pool_backward_add(grad_pooled, bins, g[:, :c], channels_last)
     return (grad_x, *stack_param_grads(grad_w, grad_gamma, grad_beta, z.dtype))
 
 
