@@ -57,15 +57,19 @@ class PyramidPooling(SemsegPPM):
                                           "every bin; use fused=False")
         return bns
 
+    def _branch_params(self) -> tuple[list, dict]:
+        """The fused ops' per-bin parameter lists and BatchNorm keywords (shared by forward and branches)."""
+        bns = self._batch_norms()
+        lists = [[f[1].weight for f in self.features], [bn.weight for bn in bns], [bn.bias for bn in bns],
+                 [bn.running_mean for bn in bns], [bn.running_var for bn in bns]]
+        return lists, dict(bins=self.bins, training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
+                           num_batches_tracked=[bn.num_batches_tracked for bn in bns])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
-        bns = self._batch_norms()
-        return pyramid_pooling(
-            x, [f[1].weight for f in self.features], [bn.weight for bn in bns], [bn.bias for bn in bns],
-            [bn.running_mean for bn in bns], [bn.running_var for bn in bns], self.bins,
-            training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
-            num_batches_tracked=[bn.num_batches_tracked for bn in bns])
+        lists, kwargs = self._branch_params()
+        return pyramid_pooling(x, *lists, **kwargs)
 
     def branches(self, x: torch.Tensor) -> torch.Tensor:
         """Every bin's branch (pool -> 1x1 conv -> BN -> ReLU) at bin resolution, before upsampling.
@@ -76,12 +80,8 @@ class PyramidPooling(SemsegPPM):
         """
         if not self.fused:
             return torch.cat([f(x).flatten(2) for f in self.features], dim=2)
-        bns = self._batch_norms()
-        return project_bn_relu(
-            multibin_avg_pool(x, self.bins), [f[1].weight for f in self.features], [bn.weight for bn in bns],
-            [bn.bias for bn in bns], [bn.running_mean for bn in bns], [bn.running_var for bn in bns], self.bins,
-            training=self.training, momentum=bns[0].momentum, eps=bns[0].eps,
-            num_batches_tracked=[bn.num_batches_tracked for bn in bns])
+        lists, kwargs = self._branch_params()
+        return project_bn_relu(multibin_avg_pool(x, self.bins), *lists, **kwargs)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, fused={self.fused}"
