@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets, is_channels_last, packed_size, window
-from .common import SIG_DTYPE, CompileConfig, acc_tl, dot_upcast, flat_hw_stride, load_cell_tables, pow2
+from .common import SIG_DTYPE, CompileConfig, acc_tl, cached_table, dot_upcast, load_cell_tables, pow2
 
 # --------------------------------------------------------------------------------------------------
 # Bin tables
@@ -81,27 +81,15 @@ def _pool_tables_host(bins: tuple[int, ...], height: int, width: int):
     return s, s_pad, j_pad, cell, col, inv_area
 
 
-_TABLE_CACHE: dict = {}
-
-
-def _cached(key, make):
-    """Device tables are built once per (bins, size, dtype, device): a CUDA-graph capture after a
-    warm-up call then performs no host-to-device copy, and a call launches nothing but its kernel."""
-    hit = _TABLE_CACHE.get(key)
-    if hit is None:
-        hit = _TABLE_CACHE[key] = make()
-    return hit
-
-
 def pool_tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device):
     """Device tables of the general path for (bins, H, W): ``(S, S_PAD, J_PAD, cell_tab [3, S_PAD] i32,
-    col_tab [2, J_PAD] i32, inv_area [S_PAD] acc dtype)``."""
+    col_tab [2, J_PAD] i32, inv_area [S_PAD] acc dtype)``, cached per device."""
     def make():
         s, s_pad, j_pad, cell, col, inv_area = _pool_tables_host(tuple(bins), height, width)
         return (s, s_pad, j_pad, torch.tensor(cell, dtype=torch.int32, device=device),
                 torch.tensor(col, dtype=torch.int32, device=device),
                 torch.tensor(inv_area, dtype=acc_dtype(dtype), device=device))
-    return _cached(("general", tuple(bins), height, width, acc_dtype(dtype), str(device)), make)
+    return cached_table(("general", tuple(bins), height, width, acc_dtype(dtype), str(device)), make)
 
 
 # Nested path limits: the largest bin L <= L_PAD (one padded tile axis), fine cells at most CW_PAD_MAX wide.
@@ -135,7 +123,7 @@ def nested_tables(bins: Sequence[int], height: int, width: int, dtype: torch.dty
         s = packed_size(bins)
         return (s, torch.tensor(tab, dtype=torch.int32, device=device),
                 torch.tensor(inv_area[:s], dtype=acc_dtype(dtype), device=device))
-    return _cached(("nested", tuple(bins), height, width, acc_dtype(dtype), str(device)), make)
+    return cached_table(("nested", tuple(bins), height, width, acc_dtype(dtype), str(device)), make)
 
 
 @triton.jit

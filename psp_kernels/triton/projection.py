@@ -28,19 +28,12 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets
-from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, dot_upcast
-
-_BIN_CACHE: dict = {}
-
+from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, cached_table, dot_upcast
 
 def _bin_table(bins: Sequence[int], device: torch.device) -> torch.Tensor:
     """i32 [2, nb]: bin sizes and packed offsets (cached per device)."""
-    key = (tuple(bins), str(device))
-    t = _BIN_CACHE.get(key)
-    if t is None:
-        t = torch.tensor([list(bins), list(bin_offsets(bins))], dtype=torch.int32, device=device)
-        _BIN_CACHE[key] = t
-    return t
+    return cached_table(("bins", tuple(bins), str(device)), lambda: torch.tensor(
+        [list(bins), list(bin_offsets(bins))], dtype=torch.int32, device=device))
 
 
 def _pack_params(weights, gammas, betas, means, variances, dtype: torch.dtype):

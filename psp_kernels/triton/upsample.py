@@ -23,26 +23,21 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets, is_channels_last
-from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, flat_hw_stride, pow2
-
-_TABLE_CACHE: dict = {}
-
+from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, cached_table, flat_hw_stride, pow2
 
 def _tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device):
     """(i32 [2, nb] = sizes, packed offsets; acc [2, nb] = scale_h, scale_w), cached per device."""
     dt = acc_dtype(dtype)
-    key = (tuple(bins), height, width, dt, str(device))
-    hit = _TABLE_CACHE.get(key)
-    if hit is None:
+
+    def make():
         ints = torch.tensor([list(bins), list(bin_offsets(bins))], dtype=torch.int32, device=device)
         # Same expression as ATen's area_pixel_compute_scale(align_corners=True), in the acc dtype.
         sh = [torch.tensor(b - 1, dtype=dt) / (height - 1) if height > 1 else torch.tensor(0.0, dtype=dt)
               for b in bins]
         sw = [torch.tensor(b - 1, dtype=dt) / (width - 1) if width > 1 else torch.tensor(0.0, dtype=dt)
               for b in bins]
-        hit = (ints, torch.stack([torch.stack(sh), torch.stack(sw)]).to(device))
-        _TABLE_CACHE[key] = hit
-    return hit
+        return ints, torch.stack([torch.stack(sh), torch.stack(sw)]).to(device)
+    return cached_table(("upsample", tuple(bins), height, width, dt, str(device)), make)
 
 
 @triton.jit
