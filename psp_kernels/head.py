@@ -132,6 +132,10 @@ class PSPHead(nn.Module):
     semseg's keys, so a semseg checkpoint's head loads unchanged (e.g. with ``strict=False``, or after
     dropping its ``cls.4`` keys).
 
+    Raises:
+        ValueError: bad channel counts or ``bins`` (from :class:`PyramidPooling`); in training, a bin with
+            one value per channel (BatchNorm's error).
+
     Source: Zhao et al., CVPR 2017, Sec. 3.2; hszhao/semseg ``model/pspnet.py``; performance.md §2.
     """
 
