@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .geometry import DEFAULT_BINS, acc_dtype, shifted_interpolation, split_bins
 from .modules import PyramidPooling
+from .ops.head import head_bn_relu
 
 _MATRIX_CACHE: dict = {}
 
@@ -55,9 +56,10 @@ class _TapMix(torch.autograd.Function):
         return grad_w, grad_p
 
 
-def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
-                padding: int = 1, dilation: int = 1) -> torch.Tensor:
-    """``conv2d(cat([up(p_b) for b in bins]), weight)`` (no bias) computed at bin resolution.
+def branch_factors(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
+                   padding: int = 1, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch term of the head conv, ``conv2d(cat([up(p_b) for b in bins]), weight)``, factored as
+    ``u @ bw^T`` per (n, o, h) row: everything but the last (W-axis) interpolation, and that interpolation.
 
     Args:
         branches: packed branches [N, R, S] (``PyramidPooling.branches``), any float dtype.
@@ -66,9 +68,10 @@ def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int
         padding, dilation: the conv's (zero) padding and dilation, the same on both axes; stride 1.
 
     Returns:
-        [N, O, H, W] in the accumulation dtype (fp32, fp64 for fp64), NCHW. Differentiable w.r.t.
-        branches and weight. Cost: a channel mix on the b x b grids, then two small products with the
-        shifted interpolation matrices (K = kh*b, then kw*sum(b)).
+        ``u`` [N, O, H, K] and ``bw`` [W, K], K = kw * sum(bins), in the accumulation dtype (fp32; fp64
+        for fp64): per bin the per-tap channel mix on the b x b grid, interpolated along H with the
+        shifted (zero-padded) matrices, then along W by ``bw``. ``u`` is differentiable w.r.t. branches
+        and weight; ``bw`` is a cached constant. Cost: the channel mix (K = R) and a product with K = kh*b.
     """
     n, r, _ = branches.shape
     o, _, kh, kw = weight.shape
@@ -83,17 +86,40 @@ def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int
         bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
         us.append(torch.einsum("iha,noijab->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
         bws.append(_taps(width, b, kw, padding, dilation, dt, dev).permute(1, 0, 2).reshape(width, kw * b))
-    return torch.matmul(torch.cat(us, dim=3), torch.cat(bws, dim=1).t())             # [N, O, H, W]
+    return torch.cat(us, dim=3), _bw(bws, (width, tuple(bins), kw, padding, dilation, dt, str(dev)))
+
+
+def _bw(parts: list[torch.Tensor], key: tuple) -> torch.Tensor:
+    key = ("bw",) + key
+    if key not in _MATRIX_CACHE:
+        _MATRIX_CACHE[key] = torch.cat(parts, dim=1)
+    return _MATRIX_CACHE[key]
+
+
+def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
+                padding: int = 1, dilation: int = 1) -> torch.Tensor:
+    """``conv2d(cat([up(p_b) for b in bins]), weight)`` (no bias) computed at bin resolution.
+
+    Arguments as :func:`branch_factors`. Returns [N, O, H, W] in the accumulation dtype, NCHW,
+    differentiable w.r.t. branches and weight: ``u @ bw^T``, which the fused head forms inside its
+    epilogue kernel instead (:func:`psp_kernels.ops.head.head_bn_relu`).
+    """
+    u, bw = branch_factors(branches, weight, bins, size, padding, dilation)
+    return torch.matmul(u, bw.t())
 
 
 def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``relu(bn(conv(ppm(x))))`` of semseg's head, without the concat (see the module docstring).
 
+    The x-half conv is ``F.conv2d`` (oneDNN / cuDNN); the branch term's W-axis interpolation, its add,
+    BatchNorm and ReLU are one fused op (``psp::head_bn_relu``), which saves only its BatchNorm input.
+
     Args:
         x: [N, C, H, W] (NCHW or channels_last), the backbone features.
         ppm: the pyramid pooling module (its ``features.*`` parameters and BN).
         conv: semseg's ``cls.0``: Conv2d(C + nb*R, O, 3x3, stride 1, padding = dilation, no bias, groups 1).
-        bn: semseg's ``cls.1``: BatchNorm2d(O); train mode uses and updates batch statistics as usual.
+        bn: semseg's ``cls.1``: BatchNorm2d(O) with affine parameters and running statistics; train mode
+            uses and updates batch statistics exactly as ``nn.BatchNorm2d``.
 
     Returns:
         [N, O, H, W] in x's dtype and memory format.
@@ -101,6 +127,8 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
     Raises:
         ValueError: a conv this identity does not cover (stride, groups, bias, padding mode, or a channel
             count other than C + nb*R).
+        NotImplementedError: a BatchNorm without affine parameters or running statistics (use the concat
+            head, ``PSPHead(fused=False)``).
     """
     c = x.shape[1]
     k = conv.kernel_size
@@ -109,13 +137,14 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
             or conv.in_channels != c + len(ppm.bins) * ppm.features[0][1].out_channels):
         raise ValueError("concat_free_head needs the PSP head conv: stride 1, groups 1, no bias, zero padding, "
                          f"square kernel/padding/dilation and {c} + len(bins) * R input channels; got {conv}")
+    if not (bn.affine and bn.track_running_stats):
+        raise NotImplementedError("concat_free_head needs a BatchNorm with affine=True and "
+                                  "track_running_stats=True; use the concat head (fused=False)")
     w_x, w_b = conv.weight.split([c, conv.in_channels - c], dim=1)
     y = F.conv2d(x, w_x, padding=conv.padding, dilation=conv.dilation)
-    branch = branch_conv(ppm.branches(x), w_b, ppm.bins, tuple(x.shape[2:]), conv.padding[0],
-                         conv.dilation[0])
-    y = (y + branch.contiguous(memory_format=torch.channels_last if y.stride(1) == 1 and c > 1
-                               else torch.contiguous_format)).to(x.dtype)
-    return F.relu(bn(y))
+    u, bw = branch_factors(ppm.branches(x), w_b, ppm.bins, tuple(x.shape[2:]), conv.padding[0], conv.dilation[0])
+    return head_bn_relu(y, u, bw, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=bn.training,
+                        momentum=bn.momentum, eps=bn.eps, num_batches_tracked=bn.num_batches_tracked)
 
 
 class PSPHead(nn.Module):

@@ -208,6 +208,74 @@ def pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: 
     return grad.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
 
 
+# --------------------------------------------------------------------------------------------------
+# The concat-free head's epilogue (``psp::head_bn_relu``, psp_kernels/head.py): the branch term's last
+# interpolation (along W), its add to the x-half conv output, BatchNorm and ReLU. The branch term is
+# ``u @ bw^T`` per (n, o, h) row: ``u`` [N, O, H, K] is the tap-mixed branches already interpolated along H
+# and ``bw`` [W, K] every (tap column, bin column)'s shifted interpolation weight, K = kw * sum(bins).
+# --------------------------------------------------------------------------------------------------
+
+def _bn_scale_shift(gamma, beta, mean, var, eps):
+    """BatchNorm as ``z * scale + shift`` (the same affine map as csrc/bn_affine.h)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = gamma.to(var.dtype) * invstd
+    return invstd, scale, beta.to(var.dtype) - mean * scale
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :, None, None]
+
+
+def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                 running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float,
+                 keep_z: bool):
+    """``relu(bn(y + u @ bw^T))`` with the statistics it used; returns ``(out, z, mean, var)``.
+
+    ``y`` [N, O, H, W] (NCHW or channels_last); ``u`` [N, O, H, K] and ``bw`` [W, K] contiguous, in the
+    accumulation dtype; ``gamma``/``beta``/``running_*`` [O], y's dtype or fp32. ``z = y + u @ bw^T``
+    rounded to y's dtype: the tensor BatchNorm sees (its statistics in training, as ``nn.BatchNorm2d`` on
+    the rounded sum). ``out`` and ``z`` have y's dtype and memory format; ``z`` is empty ([0]) unless
+    ``keep_z`` or ``training``. ``mean``/``var`` [O], accumulation dtype: the batch statistics (biased
+    variance) in training, the running ones otherwise.
+    """
+    acc = acc_dtype(y.dtype)
+    fmt = _memory_format(is_channels_last(y))
+    z = (y.to(acc) + torch.matmul(u, bw.t())).to(y.dtype).contiguous(memory_format=fmt)
+    zf = z.to(acc)
+    if training:
+        var, mean = torch.var_mean(zf, dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+    _, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    out = torch.relu(zf * _per_channel(scale) + _per_channel(shift)).to(y.dtype).contiguous(memory_format=fmt)
+    return out, (z if keep_z or training else z.new_empty(0)), mean, var
+
+
+def head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor,
+                  beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float):
+    """Gradient of :func:`head_forward`; returns ``(grad_y, grad_u, grad_bn)``.
+
+    ``grad_out`` [N, O, H, W] any layout; ``z`` the forward's. ``grad_y`` has z's dtype and memory format
+    (it is also the gradient of z); ``grad_u = grad_z @ bw`` [N, O, H, K] and ``grad_bn`` [2, O] (the
+    gradients of gamma, then beta: one tensor, as a custom op may not return views of one buffer) are in
+    the accumulation dtype, formed from the unrounded ``grad_z``. The ReLU mask is
+    ``z * scale + shift > 0``, the forward's pre-activation. In training ``grad_z`` is BatchNorm's
+    batch-statistics gradient, otherwise ``grad_z = scale * grad``.
+    """
+    acc = acc_dtype(z.dtype)
+    zf = z.to(acc)
+    invstd, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    xhat = (zf - _per_channel(mean)) * _per_channel(invstd)
+    g = torch.where(zf * _per_channel(scale) + _per_channel(shift) > 0, grad_out.to(acc), 0)
+    grad_beta, grad_gamma = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+    if training:
+        count = z.numel() // z.shape[1]
+        g = g - _per_channel(grad_beta / count) - xhat * _per_channel(grad_gamma / count)
+    grad_z = g * _per_channel(scale)
+    grad_y = grad_z.to(z.dtype).contiguous(memory_format=_memory_format(is_channels_last(z)))
+    return grad_y, torch.matmul(grad_z, bw), torch.stack((grad_gamma, grad_beta))
+
+
 class SemsegPPM(nn.Module):
     """semseg's ``PPM`` exactly, built from stock modules: the unfused oracle for the fused path.
 

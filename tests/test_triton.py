@@ -33,6 +33,7 @@ from psp_kernels.triton import pooling as tpool  # noqa: E402
 from psp_kernels.triton.common import SIG_DTYPE  # noqa: E402
 from psp_kernels.triton import projection as tproj  # noqa: E402
 from psp_kernels.triton import upsample as tup  # noqa: E402
+from psp_kernels.triton import head as thead  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -375,6 +376,8 @@ _MODULE_KERNELS = {
     tpool: ("_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"),
     tproj: ("_project_fwd_kernel", "_bn_bwd_kernel", "_dgrad_kernel", "_wgrad_kernel"),
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
+    thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
+            "_sum_rows_kernel", "_head_bwd_kernel"),
 }
 
 
@@ -387,8 +390,10 @@ def test_registry_lists_every_kernel():
                  and isinstance(v, (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction))}
         assert found == set(names) and found <= registered, (module.__name__, found, registered)
     for e in tri.KERNELS:
-        dts = {v for c in e.configs for k, v in c.signature.items() if k.endswith("_ptr") and v[1:] in ("fp16", "bf16")}
-        assert {"*fp16", "*bf16"} <= dts, e.name
+        dts = {v for c in e.configs for k, v in c.signature.items() if k.endswith("_ptr")}
+        # Kernels reading activations have fp16 and bf16 configs; the ones that only merge accumulation-
+        # dtype partials (the head's statistics) have fp32 and fp64 ones. Every kernel has fp32.
+        assert {"*fp16", "*bf16"} <= dts or (dts & {"*fp16", "*bf16"} == set() and "*fp64" in dts), e.name
         assert any("*fp32" in c.signature.values() for c in e.configs), e.name
 
 
@@ -438,6 +443,13 @@ def test_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
                              torch.empty(4, r, **acc), torch.empty(4, r, **acc), bins, training, 1e-5)
     up = tri.upsample_forward(x, torch.empty(n, r, 50, **meta), bins)
     tri.upsample_backward(up, bins, c)
+    y = torch.empty(n, r, hw, hw, **meta)                    # the concat-free head's epilogue, O = 512
+    y = y.contiguous(memory_format=torch.channels_last) if channels_last else y
+    u, bw, o_vec = torch.empty(n, r, hw, 36, **acc), torch.empty(hw, 36, **acc), torch.empty(r, **acc)
+    for training in (True, False):
+        _, z, _, _ = tri.head_forward(y, u, bw, o_vec, o_vec, o_vec, o_vec, training, 1e-5, True)
+        tri.head_backward(torch.empty(n, r, hw, hw, **meta), z, bw, o_vec, o_vec, o_vec, o_vec, training, 1e-5)
+    tri.head_forward(y, u, bw, o_vec, o_vec, o_vec, o_vec, False, 1e-5, False)
 
     nested = {"_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"}     # 60, 90: nested; 61: general path
     expected = {k for v in _MODULE_KERNELS.values() for k in v} - (nested if hw % 6 else {"_pool_fwd_kernel",

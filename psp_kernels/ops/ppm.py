@@ -132,5 +132,6 @@ def pyramid_pooling(x: torch.Tensor, weights: Sequence[torch.Tensor], bn_weights
                                                running_means, running_vars)
     out, _, _, mean, var = _ppm(x, weights, *per_channel, bins, training, eps)
     if training:
-        update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum, n, bins)
+        update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum,
+                             [n * b * b for b in bins])
     return out

@@ -88,10 +88,9 @@ def _backward(ctx, grad_out, _gz, _gmean, _gvar):
 _project.register_autograd(_backward, setup_context=_setup_context)
 
 
-def update_running_stats(mean, var, running_means, running_vars, num_batches_tracked, momentum, n, bins):
-    """nn.BatchNorm2d's update: r = (1 - m) * r + m * stat, with the unbiased variance n / (n - 1) * var
-    (n = N*b*b values per channel of bin b)."""
-    counts = [n * b * b for b in bins]
+def update_running_stats(mean, var, running_means, running_vars, num_batches_tracked, momentum, counts):
+    """nn.BatchNorm2d's update of each BatchNorm k: r = (1 - m) * r + m * stat, with the unbiased variance
+    counts[k] / (counts[k] - 1) * var (counts[k] values per channel; for a PPM bin b, N*b*b)."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             torch._foreach_add_(num_batches_tracked, 1)
@@ -142,7 +141,8 @@ def project_bn_relu(pooled: torch.Tensor, weights: Sequence[torch.Tensor], bn_we
                                                running_means, running_vars)
     out, _, mean, var = _project(pooled, weights, *per_channel, bins, training, eps)
     if training:
-        update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum, n, bins)
+        update_running_stats(mean, var, per_channel[2], per_channel[3], num_batches_tracked, momentum,
+                             [n * b * b for b in bins])
     return out
 
 

@@ -13,6 +13,9 @@ upsample_backward   program per (n, bin, R block): separable transposed interp. 
 pool_concat_fwd     pool_forward that also copies x into the concat buffer            1
 upsample_into       upsample_forward writing only the branch channels                 1
 pool_backward_add   pool_backward plus the pass-through gradient, one pass            1
+head_forward        program per ((n, h) row, O block): branch term + add + BN +    1 / 3
+                    ReLU (eval / training: stats, ordered merge, normalise)
+head_backward       per-row BN sums, ordered sum, grad_y + grad_u per row             3
 ==================  ==============================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
@@ -32,14 +35,16 @@ from typing import NamedTuple
 
 import torch
 
-from . import pooling, projection, upsample
+from . import head, pooling, projection, upsample
 from .common import CompileConfig
+from .head import head_backward, head_forward
 from .pooling import pool_backward, pool_backward_add, pool_concat_forward, pool_forward
 from .projection import project_backward, project_forward
 from .upsample import upsample_backward, upsample_forward, upsample_into
 
 __all__ = ["pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
-           "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "KERNELS",
+           "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "head_forward",
+           "head_backward", "KERNELS",
            "KernelEntry", "CompileConfig"]
 
 
@@ -53,7 +58,7 @@ class KernelEntry(NamedTuple):
 
 def _registry(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
     by_kernel: dict = {}
-    for module in (pooling, projection, upsample):
+    for module in (pooling, projection, upsample, head):
         for fn, cfg in module.compile_configs(dtypes):
             by_kernel.setdefault(fn, []).append(cfg)
     return tuple(KernelEntry(fn.__name__, fn, tuple(cfgs)) for fn, cfgs in by_kernel.items())

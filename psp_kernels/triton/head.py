@@ -1,0 +1,392 @@
+"""Triton kernels for the concat-free head's epilogue: ``head_forward`` / ``head_backward``.
+
+The branch term's last interpolation (along W), its add to the x-half conv output y, BatchNorm and ReLU
+(contract: ``psp_kernels.reference.head_forward``). Per (n, o, h) row the branch term is
+``u[n, o, h, :] @ bw^T``, K = kw * sum(bins) (36 for semseg's head): each program owns one (n, h) row
+and a block of BLOCK_O channels, holds its ``u`` tile [BLOCK_O, K] in registers, and walks the row in
+BLOCK_W columns; the branch tile is one small ``tl.dot`` with ``bw``'s [BLOCK_W, K] tile, so neither the
+full-resolution branch term nor the 2C-channel concat exists in memory.
+
+==================  =============================================================  ========
+function            passes                                                         launches
+==================  =============================================================  ========
+head_forward eval   read y, u -> write out (and z when kept)                           1
+head_forward train  read y, u -> write z and per-row (mean, M2); merge rows in a        3
+                    fixed order (Chan's formula); read z -> write out
+head_backward       read g, z -> per-row (sum g', sum g' xhat); sum rows in order;      3
+                    read g, z -> write grad_y, and grad_u = grad_z @ bw per row
+==================  =============================================================  ========
+
+g' is the gradient behind the ReLU (mask ``z * scale + shift > 0``). Every output element is written by
+one program reducing in a fixed order: bitwise deterministic, no atomics. Math in fp32 (fp64 for fp64);
+the dots run in IEEE precision (no TF32). ``KERNELS`` registration: :func:`compile_configs`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..geometry import acc_dtype
+from .common import CompileConfig, SIG_DTYPE, acc_tl, pow2
+from .projection import _eps_args, _inv_std, _relu
+
+BLOCK_O = 32         # channels per program
+BLOCK_W = 32         # columns per step along the row
+BLOCK_ROWS = 64      # partial rows per step of the merge kernels
+K_PADS = (16, 32, 64, 128)   # K padded to a power of two; semseg's head: K = 36 -> 64
+NUM_WARPS = 4
+
+
+@triton.jit
+def _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo,
+                ACC_DTYPE: tl.constexpr):
+    """(invstd, scale, shift, mean) of the channel block: BatchNorm as ``z * scale + shift``."""
+    gamma = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0)
+    beta = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0)
+    mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
+    var = tl.load(var_ptr + offs_o, mask=mask_o, other=1.0)
+    invstd = _inv_std(var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE), ACC_DTYPE)
+    scale = gamma * invstd
+    return invstd, scale, beta - mean * scale, mean
+
+
+@triton.jit
+def _row_block(H, O, BLOCK_O: tl.constexpr):
+    """Program -> (n, h, channel offsets, mask) of its (n, h) row and channel block."""
+    row = tl.program_id(0)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    return row // H, row % H, offs_o, offs_o < O
+
+
+@triton.jit
+def _tile(base, offs_o, offs_w, mask_o, W, s_o, s_w):
+    """Offsets and mask of the [BLOCK_O, BLOCK_W] tile of a 4-D tensor at row base ``base``."""
+    mask_w = offs_w < W
+    return base + offs_o[:, None].to(tl.int64) * s_o + offs_w[None, :] * s_w, mask_o[:, None] & mask_w[None, :], mask_w
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _head_fwd_kernel(
+    y_ptr,                        # [N, O, H, W] conv output, NCHW or channels_last
+    u_ptr,                        # [N, O, H, K] contiguous, acc dtype
+    bw_ptr,                       # [W, K] contiguous, acc dtype
+    gamma_ptr, beta_ptr, mean_ptr, var_ptr,   # [O] acc dtype (running statistics; unused in training)
+    z_ptr, out_ptr,               # y's dtype and strides
+    part_ptr,                     # [2, N*H, O] acc: per-row mean and M2 (training)
+    stat_mean_ptr, stat_var_ptr,  # [O] acc: the running statistics copied out (eval)
+    O, H, W, K, eps_hi, eps_lo,
+    s_n, s_o, s_h, s_w,
+    TRAINING: tl.constexpr, KEEP_Z: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, K_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < K
+    u = tl.load(u_ptr + ((n * O + offs_o).to(tl.int64) * H + h)[:, None] * K + offs_k[None, :],
+                mask=mask_o[:, None] & mask_k[None, :], other=0.0)
+    if not TRAINING:
+        invstd, scale, shift, mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+                                                 eps_hi, eps_lo, ACC_DTYPE)
+        if tl.program_id(0) == 0:
+            tl.store(stat_mean_ptr + offs_o, mean, mask=mask_o)
+            tl.store(stat_var_ptr + offs_o, tl.load(var_ptr + offs_o, mask=mask_o), mask=mask_o)
+    run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    base = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
+    for w0 in range(0, W, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        off, mask, mask_w = _tile(base, offs_o, offs_w, mask_o, W, s_o, s_w)
+        bw = tl.load(bw_ptr + offs_w[:, None] * K + offs_k[None, :], mask=mask_w[:, None] & mask_k[None, :],
+                     other=0.0)
+        branch = tl.dot(u, tl.trans(bw), input_precision="ieee")
+        y = tl.load(y_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+        z = (y + branch).to(z_ptr.dtype.element_ty)
+        if TRAINING or KEEP_Z:
+            tl.store(z_ptr + off, z, mask=mask)
+        zf = z.to(ACC_DTYPE)
+        if TRAINING:
+            # Chan's merge of this block's (count, mean, M2) into the row's, per channel.
+            seen = tl.cast(w0, ACC_DTYPE)
+            cnt = tl.cast(tl.minimum(W - w0, BLOCK_W), ACC_DTYPE)
+            bmean = tl.sum(tl.where(mask, zf, 0.0), axis=1) / cnt
+            d = tl.where(mask, zf - bmean[:, None], 0.0)
+            delta = bmean - run_mean
+            run_mean += delta * (cnt / (seen + cnt))
+            run_m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * cnt / (seen + cnt))
+        else:
+            tl.store(out_ptr + off, _relu(zf * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=mask)
+    if TRAINING:
+        rows = tl.num_programs(0)
+        prow = part_ptr + tl.program_id(0).to(tl.int64) * O + offs_o
+        tl.store(prow, run_mean, mask=mask_o)
+        tl.store(prow + rows.to(tl.int64) * O, run_m2, mask=mask_o)
+
+
+@triton.jit
+def _merge_stats_kernel(part_ptr, mean_ptr, var_ptr, ROWS, O, W,
+                        BLOCK_O: tl.constexpr, BLOCK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Per channel block: merge the ROWS per-row (mean, M2), each of W values, in row order (Chan)."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O
+    run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for r0 in range(0, ROWS, BLOCK_ROWS):
+        offs_r = r0 + tl.arange(0, BLOCK_ROWS)
+        mask = (offs_r < ROWS)[:, None] & mask_o[None, :]
+        off = offs_r[:, None].to(tl.int64) * O + offs_o[None, :]
+        means = tl.load(part_ptr + off, mask=mask, other=0.0)
+        m2s = tl.load(part_ptr + ROWS.to(tl.int64) * O + off, mask=mask, other=0.0)
+        nrows = tl.cast(tl.minimum(ROWS - r0, BLOCK_ROWS), ACC_DTYPE)
+        bmean = tl.sum(means, axis=0) / nrows
+        d = tl.where(mask, means - bmean[None, :], 0.0)
+        bm2 = tl.sum(m2s, axis=0) + tl.cast(W, ACC_DTYPE) * tl.sum(d * d, axis=0)
+        seen = tl.cast(r0, ACC_DTYPE)
+        delta = bmean - run_mean
+        run_mean += delta * (nrows / (seen + nrows))
+        run_m2 += bm2 + delta * delta * (tl.cast(W, ACC_DTYPE) * seen * nrows / (seen + nrows))
+    tl.store(mean_ptr + offs_o, run_mean, mask=mask_o)
+    tl.store(var_ptr + offs_o, run_m2 / (tl.cast(ROWS, ACC_DTYPE) * tl.cast(W, ACC_DTYPE)), mask=mask_o)
+
+
+@triton.jit
+def _head_norm_kernel(z_ptr, out_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, O, H, W, eps_hi, eps_lo,
+                      s_n, s_o, s_h, s_w,
+                      BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Training forward, last pass: out = relu(z * scale + shift) with the batch statistics."""
+    n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
+    _invstd, scale, shift, _mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi,
+                                               eps_lo, ACC_DTYPE)
+    base = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
+    for w0 in range(0, W, BLOCK_W):
+        off, mask, _mask_w = _tile(base, offs_o, w0 + tl.arange(0, BLOCK_W), mask_o, W, s_o, s_w)
+        zf = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+        tl.store(out_ptr + off, _relu(zf * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _relu_grad(g_ptr, z_ptr, goff, zoff, mask, scale, shift, ACC_DTYPE: tl.constexpr):
+    """(g', z) of a tile: the incoming gradient where the forward's pre-activation was > 0, else 0."""
+    zf = tl.load(z_ptr + zoff, mask=mask, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptr + goff, mask=mask, other=0.0).to(ACC_DTYPE)
+    return tl.where(zf * scale[:, None] + shift[:, None] > 0, g, 0.0), zf
+
+
+@triton.jit
+def _head_bwd_sums_kernel(g_ptr, z_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, part_ptr,
+                          O, H, W, eps_hi, eps_lo,
+                          sg_n, sg_o, sg_h, sg_w, s_n, s_o, s_h, s_w,
+                          BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Per row: sum over w of g' * xhat and of g' -> part [2, N*H, O] (the row's grad_gamma, grad_beta)."""
+    n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
+    invstd, scale, shift, mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+                                             eps_hi, eps_lo, ACC_DTYPE)
+    gbase = n.to(tl.int64) * sg_n + h.to(tl.int64) * sg_h
+    zbase = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
+    sum_g = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    sum_gx = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for w0 in range(0, W, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        goff, mask, _ = _tile(gbase, offs_o, offs_w, mask_o, W, sg_o, sg_w)
+        zoff, _, _ = _tile(zbase, offs_o, offs_w, mask_o, W, s_o, s_w)
+        g, zf = _relu_grad(g_ptr, z_ptr, goff, zoff, mask, scale, shift, ACC_DTYPE)
+        sum_g += tl.sum(g, axis=1)
+        sum_gx += tl.sum(g * ((zf - mean[:, None]) * invstd[:, None]), axis=1)
+    rows = tl.num_programs(0)
+    prow = part_ptr + tl.program_id(0).to(tl.int64) * O + offs_o
+    tl.store(prow, sum_gx, mask=mask_o)
+    tl.store(prow + rows.to(tl.int64) * O, sum_g, mask=mask_o)
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, ROWS, O, BLOCK_O: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr):
+    """out[j, o] = sum over rows of part[j, rows, o] (j = 0, 1), in row-block order."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O
+    j = tl.program_id(1)
+    acc = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for r0 in range(0, ROWS, BLOCK_ROWS):
+        offs_r = r0 + tl.arange(0, BLOCK_ROWS)
+        mask = (offs_r < ROWS)[:, None] & mask_o[None, :]
+        acc += tl.sum(tl.load(part_ptr + (j * ROWS + offs_r[:, None]).to(tl.int64) * O + offs_o[None, :],
+                              mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + j * O + offs_o, acc, mask=mask_o)
+
+
+@triton.jit
+def _head_bwd_kernel(g_ptr, z_ptr, bw_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, sums_ptr,
+                     gy_ptr, gu_ptr, O, H, W, K, eps_hi, eps_lo,
+                     sg_n, sg_o, sg_h, sg_w, s_n, s_o, s_h, s_w,
+                     TRAINING: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr,
+                     K_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """grad_z of the row's tile -> grad_y (z's strides); grad_u[n, o, h, :] = sum_w grad_z * bw[w, :]."""
+    n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
+    invstd, scale, shift, mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+                                             eps_hi, eps_lo, ACC_DTYPE)
+    if TRAINING:
+        count = tl.cast(tl.num_programs(0), ACC_DTYPE) * tl.cast(W, ACC_DTYPE)   # N*H*W
+        mean_gx = tl.load(sums_ptr + offs_o, mask=mask_o, other=0.0) / count
+        mean_g = tl.load(sums_ptr + O + offs_o, mask=mask_o, other=0.0) / count
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < K
+    gbase = n.to(tl.int64) * sg_n + h.to(tl.int64) * sg_h
+    zbase = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
+    gu = tl.zeros([BLOCK_O, K_PAD], dtype=ACC_DTYPE)
+    for w0 in range(0, W, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        goff, mask, mask_w = _tile(gbase, offs_o, offs_w, mask_o, W, sg_o, sg_w)
+        zoff, _, _ = _tile(zbase, offs_o, offs_w, mask_o, W, s_o, s_w)
+        g, zf = _relu_grad(g_ptr, z_ptr, goff, zoff, mask, scale, shift, ACC_DTYPE)
+        if TRAINING:
+            xhat = (zf - mean[:, None]) * invstd[:, None]
+            g = g - mean_g[:, None] - xhat * mean_gx[:, None]
+        gz = tl.where(mask, g * scale[:, None], 0.0)
+        tl.store(gy_ptr + zoff, gz.to(gy_ptr.dtype.element_ty), mask=mask)
+        bw = tl.load(bw_ptr + offs_w[:, None] * K + offs_k[None, :], mask=mask_w[:, None] & mask_k[None, :],
+                     other=0.0)
+        gu = tl.dot(gz, bw, gu, input_precision="ieee")
+    tl.store(gu_ptr + ((n * O + offs_o).to(tl.int64) * H + h)[:, None] * K + offs_k[None, :], gu,
+             mask=mask_o[:, None] & mask_k[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+def _bn_args(gamma, beta, mean, var, acc: torch.dtype):
+    return [t.to(acc).contiguous() for t in (gamma, beta, mean, var)]
+
+
+def _k_pad(k: int) -> int:
+    pad = pow2(k)
+    if pad not in K_PADS:
+        raise ValueError(f"u's last dim K = {k} is above the largest supported {K_PADS[-1]} (kw * sum(bins))")
+    return pad
+
+
+def _grid(n: int, o: int, h: int) -> tuple[int, int]:
+    return (n * h, triton.cdiv(o, BLOCK_O))
+
+
+def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                 running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float,
+                 keep_z: bool):
+    """Contract of ``psp_kernels.reference.head_forward``: returns ``(out, z, mean, var)``."""
+    n, o, h, w = y.shape
+    k = u.shape[-1]
+    acc = acc_dtype(y.dtype)
+    tacc = acc_tl(y.dtype)
+    out = torch.empty_like(y)
+    z = torch.empty_like(y) if training or keep_z else y.new_empty(0)
+    mean = torch.empty(o, dtype=acc, device=y.device)
+    var = torch.empty(o, dtype=acc, device=y.device)
+    bn = _bn_args(gamma, beta, running_mean, running_var, acc)
+    part = torch.empty(2, n * h, o, dtype=acc, device=y.device) if training else mean
+    hi, lo = _eps_args(eps)
+    strides = y.stride()
+    _head_fwd_kernel[_grid(n, o, h)](
+        y, u, bw, *bn, z if z.numel() else out, out, part, mean, var, o, h, w, k, hi, lo, *strides,
+        TRAINING=training, KEEP_Z=keep_z, BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, K_PAD=_k_pad(k), ACC_DTYPE=tacc,
+        num_warps=NUM_WARPS)
+    if training:
+        _merge_stats_kernel[(triton.cdiv(o, BLOCK_O),)](part, mean, var, n * h, o, w, BLOCK_O=BLOCK_O,
+                                                         BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+        _head_norm_kernel[_grid(n, o, h)](z, out, bn[0], bn[1], mean, var, o, h, w, hi, lo, *strides,
+                                          BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+    return out, z, mean, var
+
+
+def head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor,
+                  beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float):
+    """Contract of ``psp_kernels.reference.head_backward``: ``(grad_y, grad_u, grad_bn)``."""
+    n, o, h, w = z.shape
+    k = bw.shape[1]
+    acc = acc_dtype(z.dtype)
+    tacc = acc_tl(z.dtype)
+    gamma, beta, mean, var = _bn_args(gamma, beta, mean, var, acc)
+    hi, lo = _eps_args(eps)
+    part = torch.empty(2, n * h, o, dtype=acc, device=z.device)
+    sums = torch.empty(2, o, dtype=acc, device=z.device)
+    strides = (*grad_out.stride(), *z.stride())
+    _head_bwd_sums_kernel[_grid(n, o, h)](grad_out, z, gamma, beta, mean, var, part, o, h, w, hi, lo, *strides,
+                                          BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+    _sum_rows_kernel[(triton.cdiv(o, BLOCK_O), 2)](part, sums, n * h, o, BLOCK_O=BLOCK_O, BLOCK_ROWS=BLOCK_ROWS,
+                                                    ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+    grad_y = torch.empty_like(z)
+    grad_u = torch.empty(n, o, h, k, dtype=acc, device=z.device)
+    _head_bwd_kernel[_grid(n, o, h)](grad_out, z, bw, gamma, beta, mean, var, sums, grad_y, grad_u,
+                                     o, h, w, k, hi, lo, *strides, TRAINING=training, BLOCK_O=BLOCK_O,
+                                     BLOCK_W=BLOCK_W, K_PAD=_k_pad(k), ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+    return grad_y, grad_u, sums
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile-only registry
+# --------------------------------------------------------------------------------------------------
+
+def compile_configs(dtypes: Sequence[torch.dtype]):
+    """``[(kernel, CompileConfig)]`` for every specialisation the launchers can pick, per dtype."""
+    out = []
+    for dtype in dtypes:
+        dt, acc = SIG_DTYPE[dtype], SIG_DTYPE[acc_dtype(dtype)]
+        tacc = acc_tl(dtype)
+        ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
+        bn = {"gamma_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}"}
+        eps = {"eps_hi": "fp32", "eps_lo": "fp32"}
+        zs = ints("s_n", "s_o", "s_h", "s_w")
+        gs = ints("sg_n", "sg_o", "sg_h", "sg_w")
+        blocks = dict(BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, ACC_DTYPE=tacc)
+        for k_pad in K_PADS:
+            for training, keep_z in ((True, True), (False, False), (False, True)):
+                out.append((_head_fwd_kernel, CompileConfig(
+                    f"head_fwd/{dt}/k{k_pad}/{'train' if training else 'eval'}{'_z' if keep_z else ''}",
+                    {"y_ptr": f"*{dt}", "u_ptr": f"*{acc}", "bw_ptr": f"*{acc}", **bn, "z_ptr": f"*{dt}",
+                     "out_ptr": f"*{dt}", "part_ptr": f"*{acc}", "stat_mean_ptr": f"*{acc}",
+                     "stat_var_ptr": f"*{acc}", **ints("O", "H", "W", "K"), **eps, **zs,
+                     "TRAINING": "constexpr", "KEEP_Z": "constexpr", "BLOCK_O": "constexpr",
+                     "BLOCK_W": "constexpr", "K_PAD": "constexpr", "ACC_DTYPE": "constexpr"},
+                    dict(TRAINING=training, KEEP_Z=keep_z, K_PAD=k_pad, **blocks), num_warps=NUM_WARPS)))
+            for training in (True, False):
+                out.append((_head_bwd_kernel, CompileConfig(
+                    f"head_bwd/{dt}/k{k_pad}/{'train' if training else 'eval'}",
+                    {"g_ptr": f"*{dt}", "z_ptr": f"*{dt}", "bw_ptr": f"*{acc}", **bn, "sums_ptr": f"*{acc}",
+                     "gy_ptr": f"*{dt}", "gu_ptr": f"*{acc}", **ints("O", "H", "W", "K"), **eps, **gs, **zs,
+                     "TRAINING": "constexpr", "BLOCK_O": "constexpr", "BLOCK_W": "constexpr",
+                     "K_PAD": "constexpr", "ACC_DTYPE": "constexpr"},
+                    dict(TRAINING=training, K_PAD=k_pad, **blocks), num_warps=NUM_WARPS)))
+        out.append((_head_norm_kernel, CompileConfig(
+            f"head_norm/{dt}", {"z_ptr": f"*{dt}", "out_ptr": f"*{dt}", **bn, **ints("O", "H", "W"), **eps, **zs,
+                                "BLOCK_O": "constexpr", "BLOCK_W": "constexpr", "ACC_DTYPE": "constexpr"},
+            blocks, num_warps=NUM_WARPS)))
+        out.append((_head_bwd_sums_kernel, CompileConfig(
+            f"head_bwd_sums/{dt}", {"g_ptr": f"*{dt}", "z_ptr": f"*{dt}", **bn, "part_ptr": f"*{acc}",
+                                    **ints("O", "H", "W"), **eps, **gs, **zs,
+                                    "BLOCK_O": "constexpr", "BLOCK_W": "constexpr", "ACC_DTYPE": "constexpr"},
+            blocks, num_warps=NUM_WARPS)))
+        if dtype not in (torch.float32, torch.float64):
+            continue                    # the merge kernels see only accumulation-dtype partials
+        reduce_consts = dict(BLOCK_O=BLOCK_O, BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=tacc)
+        out.append((_merge_stats_kernel, CompileConfig(
+            f"head_merge_stats/{dt}", {"part_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}",
+                                       **ints("ROWS", "O", "W"), "BLOCK_O": "constexpr",
+                                       "BLOCK_ROWS": "constexpr", "ACC_DTYPE": "constexpr"},
+            reduce_consts, num_warps=NUM_WARPS)))
+        out.append((_sum_rows_kernel, CompileConfig(
+            f"head_sum_rows/{dt}", {"part_ptr": f"*{acc}", "out_ptr": f"*{acc}", **ints("ROWS", "O"),
+                                    "BLOCK_O": "constexpr", "BLOCK_ROWS": "constexpr", "ACC_DTYPE": "constexpr"},
+            reduce_consts, num_warps=NUM_WARPS)))
+    return out
