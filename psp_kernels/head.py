@@ -16,6 +16,7 @@ full conv output. Parameters are semseg's tensors: ``ppm.features.*``, ``cls.0.w
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -36,55 +37,36 @@ def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, de
     return _MATRIX_CACHE[key]
 
 
-class _TapMix(torch.autograd.Function):
-    """q[n, o, t, s] = sum_r w[o, r, t] p[n, r, s], the per-tap channel mix on the bin grid.
-
-    Autograd of the einsum would save the permuted copy of w it multiplies with (9 * O * R values per
-    bin); this saves w itself (a view of the conv weight) and p, and permutes again in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w, p)
-        return torch.einsum("ort,nrs->nots", w, p)
-
-    @staticmethod
-    def backward(ctx, grad_q: torch.Tensor):
-        w, p = ctx.saved_tensors
-        grad_w = torch.einsum("nots,nrs->ort", grad_q, p) if ctx.needs_input_grad[0] else None
-        grad_p = torch.einsum("nots,ort->nrs", grad_q, w) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_p
-
-
-def branch_factors(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
+def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
                    padding: int = 1, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch term of the head conv, ``conv2d(cat([up(p_b) for b in bins]), weight)``, factored as
     ``u @ bw^T`` per (n, o, h) row: everything but the last (W-axis) interpolation, and that interpolation.
 
     Args:
         branches: packed branches [N, R, S] (``PyramidPooling.branches``), any float dtype.
-        weight: [O, nb*R, kh, kw], the branch slice of the head conv's weight (bins in order).
+        weight_taps: [kh, kw, O, nb*R], the branch slice of the head conv's weight, tap-major (bins in
+            order): ``weight[:, C:].permute(2, 3, 0, 1)``; :class:`HeadConv` stores it so (no copy).
         bins: the bin sizes; size: (H, W) of the map the branches are upsampled to (align_corners=True).
         padding, dilation: the conv's (zero) padding and dilation, the same on both axes; stride 1.
 
     Returns:
         ``u`` [N, O, H, K] and ``bw`` [W, K], K = kw * sum(bins), in the accumulation dtype (fp32; fp64
-        for fp64): per bin the per-tap channel mix on the b x b grid, interpolated along H with the
-        shifted (zero-padded) matrices, then along W by ``bw``. ``u`` is differentiable w.r.t. branches
-        and weight; ``bw`` is a cached constant. Cost: the channel mix (K = R) and a product with K = kh*b.
+        for fp64): per bin the per-tap channel mix on the b x b grid (one GEMM, K = R), interpolated along
+        H with the shifted (zero-padded) matrices, then along W by ``bw``. ``u`` is differentiable w.r.t.
+        branches and the weight; ``bw`` is a cached constant.
     """
     n, r, _ = branches.shape
-    o, _, kh, kw = weight.shape
+    kh, kw, o, _ = weight_taps.shape
     height, width = size
     dt, dev = acc_dtype(branches.dtype), branches.device
     us, bws = [], []
-    # One unbind (and one split in the caller): their backwards write the weight gradient in one pass,
-    # where per-bin slices would each zero-fill a full-size gradient.
-    per_bin = weight.to(dt).unflatten(1, (len(bins), r)).unbind(1)
+    # [kh*kw*O, nb, R] and one unbind: each bin's [kh*kw*O, R] GEMM operand is a view when the weight is
+    # tap-major contiguous, and the unbind's backward stacks the bins' gradients in one pass.
+    per_bin = weight_taps.to(dt).reshape(kh * kw * o, len(bins), r).unbind(1)
     for b, p, w in zip(bins, split_bins(branches.to(dt), bins), per_bin):
-        q = _TapMix.apply(w.flatten(2), p.flatten(2)).reshape(n, o, kh, kw, b, b)      # [N, O, kh, kw, b, b]
+        q = torch.matmul(p.flatten(2).transpose(1, 2), w.t()).reshape(n, b, b, kh, kw, o)  # [N, a, b, kh, kw, O]
         bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
-        us.append(torch.einsum("iha,noijab->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
+        us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
         bws.append(_taps(width, b, kw, padding, dilation, dt, dev).permute(1, 0, 2).reshape(width, kw * b))
     return torch.cat(us, dim=3), _bw(bws, (width, tuple(bins), kw, padding, dilation, dt, str(dev)))
 
@@ -104,7 +86,7 @@ def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int
     differentiable w.r.t. branches and weight: ``u @ bw^T``, which the fused head forms inside its
     epilogue kernel instead (:func:`psp_kernels.ops.head.head_bn_relu`).
     """
-    u, bw = branch_factors(branches, weight, bins, size, padding, dilation)
+    u, bw = branch_factors(branches, weight.permute(2, 3, 0, 1), bins, size, padding, dilation)
     return torch.matmul(u, bw.t())
 
 
@@ -117,7 +99,8 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
     Args:
         x: [N, C, H, W] (NCHW or channels_last), the backbone features.
         ppm: the pyramid pooling module (its ``features.*`` parameters and BN).
-        conv: semseg's ``cls.0``: Conv2d(C + nb*R, O, 3x3, stride 1, padding = dilation, no bias, groups 1).
+        conv: semseg's ``cls.0``: a :class:`HeadConv` (no weight copies), or an ``nn.Conv2d(C + nb*R, O, 3x3,
+            stride 1, padding = dilation, no bias, groups 1)`` whose weight slices are copied per call.
         bn: semseg's ``cls.1``: BatchNorm2d(O) with affine parameters and running statistics; train mode
             uses and updates batch statistics exactly as ``nn.BatchNorm2d``.
 
@@ -140,11 +123,96 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
     if not (bn.affine and bn.track_running_stats):
         raise NotImplementedError("concat_free_head needs a BatchNorm with affine=True and "
                                   "track_running_stats=True; use the concat head (fused=False)")
-    w_x, w_b = conv.weight.split([c, conv.in_channels - c], dim=1)
+    if isinstance(conv, HeadConv):
+        w_x, w_taps = conv.weight_x, conv.weight_taps()
+    else:
+        w_x, w_b = conv.weight.split([c, conv.in_channels - c], dim=1)
+        w_taps = w_b.permute(2, 3, 0, 1)
     y = F.conv2d(x, w_x, padding=conv.padding, dilation=conv.dilation)
-    u, bw = branch_factors(ppm.branches(x), w_b, ppm.bins, tuple(x.shape[2:]), conv.padding[0], conv.dilation[0])
+    u, bw = branch_factors(ppm.branches(x), w_taps, ppm.bins, tuple(x.shape[2:]), conv.padding[0],
+                           conv.dilation[0])
     return head_bn_relu(y, u, bw, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=bn.training,
                         momentum=bn.momentum, eps=bn.eps, num_batches_tracked=bn.num_batches_tracked)
+
+
+class HeadConv(nn.Module):
+    """semseg's ``cls.0`` conv, Conv2d(C + nb*R, O, k, padding, dilation, bias=False), with its weight held
+    as the two parts the concat-free head multiplies separately.
+
+    ``weight_x`` [O, C, k, k] (contiguous: the x-half conv reads it without a copy and its gradient is
+    the parameter's) and ``weight_branches`` [O, nb*R, k, k], stored tap-major ([k, k, O, nb*R] in memory,
+    so each bin's per-tap channel mix is a GEMM on a view). ``weight`` is their concat, and state_dict
+    saves and loads it under semseg's key ``weight``: checkpoints are interchangeable with
+    ``nn.Conv2d``'s. Initialisation is ``nn.Conv2d``'s (kaiming-uniform over the full fan-in).
+
+    Args:
+        x_channels: C; branch_channels: nb*R; out_channels: O; kernel_size, padding, dilation: ints.
+
+    Forward (the concat head, ``PSPHead(fused=False)``): [N, C + nb*R, H, W] -> [N, O, H, W] with the
+    concatenated weight. Raises ValueError for non-positive channel counts.
+    """
+
+    stride, groups, bias, padding_mode = (1, 1), 1, None, "zeros"
+
+    def __init__(self, x_channels: int, branch_channels: int, out_channels: int, kernel_size: int = 3,
+                 padding: int = 1, dilation: int = 1):
+        super().__init__()
+        if min(x_channels, branch_channels, out_channels, kernel_size) < 1:
+            raise ValueError(f"HeadConv needs positive channel counts and kernel size, got x_channels={x_channels}, "
+                             f"branch_channels={branch_channels}, out_channels={out_channels}, "
+                             f"kernel_size={kernel_size}")
+        self.x_channels, self.in_channels, self.out_channels = x_channels, x_channels + branch_channels, out_channels
+        self.kernel_size, self.padding, self.dilation = (kernel_size,) * 2, (padding,) * 2, (dilation,) * 2
+        k = kernel_size
+        self.weight_x = nn.Parameter(torch.empty(out_channels, x_channels, k, k))
+        self.weight_branches = nn.Parameter(torch.empty(k, k, out_channels, branch_channels).permute(2, 3, 0, 1))
+        self.reset_parameters()
+        self.register_state_dict_post_hook(HeadConv._save_merged)
+        self.register_load_state_dict_pre_hook(HeadConv._load_split)
+
+    def reset_parameters(self) -> None:
+        full = torch.empty(self.out_channels, self.in_channels, *self.kernel_size)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5))            # nn.Conv2d.reset_parameters
+        with torch.no_grad():
+            self.weight_x.copy_(full[:, :self.x_channels])
+            self.weight_branches.copy_(full[:, self.x_channels:])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[O, C + nb*R, k, k]: semseg's weight (a new tensor, differentiable w.r.t. both parts)."""
+        return torch.cat([self.weight_x, self.weight_branches], dim=1)
+
+    def weight_taps(self) -> torch.Tensor:
+        """``weight_branches`` as [k, k, O, nb*R], a contiguous view."""
+        return self.weight_branches.permute(2, 3, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, 1, self.padding, self.dilation)
+
+    @staticmethod
+    def _save_merged(module, state_dict, prefix, local_metadata) -> None:
+        state_dict.pop(prefix + "weight_x")
+        state_dict.pop(prefix + "weight_branches")
+        state_dict[prefix + "weight"] = module.weight.detach()
+
+    @staticmethod
+    def _load_split(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs) -> None:
+        weight = state_dict.pop(prefix + "weight", None)
+        if weight is None:
+            return                        # missing: load_state_dict reports weight_x / weight_branches
+        if weight.dim() != 4 or weight.shape[1] != module.in_channels:
+            error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape "
+                              f"{tuple(weight.shape)}, the shape in current model is "
+                              f"({module.out_channels}, {module.in_channels}, {module.kernel_size[0]}, "
+                              f"{module.kernel_size[1]})")
+            return
+        state_dict[prefix + "weight_x"], state_dict[prefix + "weight_branches"] = weight.split(
+            [module.x_channels, module.in_channels - module.x_channels], dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}, "
+                f"dilation={self.dilation}, bias=False, x_channels={self.x_channels}")
 
 
 class PSPHead(nn.Module):
@@ -172,8 +240,10 @@ class PSPHead(nn.Module):
                  bins: Sequence[int] = DEFAULT_BINS, fused: bool = True):
         super().__init__()
         self.ppm = PyramidPooling(in_channels, reduction_channels, bins)
+        branch_channels = len(self.ppm.bins) * reduction_channels
         self.cls = nn.Sequential(
-            nn.Conv2d(in_channels + len(self.ppm.bins) * reduction_channels, out_channels, 3, padding=1, bias=False),
+            HeadConv(in_channels, branch_channels, out_channels) if fused
+            else nn.Conv2d(in_channels + branch_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )

@@ -14,7 +14,7 @@ import torch.nn as nn
 import psp_kernels
 from psp_kernels import reference as ref_mod
 from psp_kernels.geometry import interpolation_matrix, shifted_interpolation
-from psp_kernels.head import PSPHead, branch_conv, concat_free_head
+from psp_kernels.head import HeadConv, PSPHead, branch_conv, concat_free_head
 from psp_kernels.ops.head import head_bn_relu
 from test_ops import make_x
 
@@ -159,6 +159,48 @@ def test_loads_semseg_head_keys():
     fresh.eval(), ref.eval()
     x = make_x(2, 8, 13, 17)
     assert rel(fresh(x), ref(x)) <= 1e-10
+
+
+def test_head_conv_is_semsegs_conv():
+    """HeadConv: nn.Conv2d's state_dict (key ``weight``) both ways, its initialisation, its forward; the
+    x part contiguous and the branch part tap-major, so the fused head copies neither."""
+    torch.manual_seed(3)
+    conv = HeadConv(8, 4, 6).double()
+    torch.manual_seed(3)
+    plain = nn.Conv2d(12, 6, 3, padding=1, bias=False).double()
+    assert torch.equal(conv.weight, plain.weight)                       # nn.Conv2d's init, same RNG draws
+    assert list(conv.state_dict()) == ["weight"] and conv.state_dict()["weight"].shape == (6, 12, 3, 3)
+    with torch.no_grad():
+        plain.weight.normal_()
+    conv.load_state_dict(plain.state_dict())
+    assert torch.equal(conv.weight, plain.weight)
+    back = nn.Conv2d(12, 6, 3, padding=1, bias=False).double()
+    back.load_state_dict(conv.state_dict())
+    assert torch.equal(back.weight, plain.weight)
+    x = make_x(2, 12, 7, 9)
+    assert rel(conv(x), plain(x)) <= 1e-14
+    assert conv.weight_x.is_contiguous() and conv.weight_taps().is_contiguous()
+    assert conv.weight_taps().shape == (3, 3, 6, 4)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        conv.load_state_dict({"weight": torch.zeros(6, 10, 3, 3)})
+    with pytest.raises(ValueError, match="positive channel counts"):
+        HeadConv(8, 0, 6)
+
+
+def test_fused_and_concat_heads_share_checkpoints():
+    """PSPHead(fused=True) holds a HeadConv, fused=False an nn.Conv2d: the same state_dict either way."""
+    ours, ref = make_heads(8)
+    assert isinstance(ours.cls[0], HeadConv) and type(ref.cls[0]) is nn.Conv2d
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    ours.eval(), ref.eval()
+    x = make_x(2, 8, 13, 17)
+    assert rel(ours(x), ref(x)) <= 1e-10
+    ours.fused = False                                                   # HeadConv also runs the concat head
+    assert rel(ours(x), ref(x)) <= 1e-10
+    # and concat_free_head also takes the plain nn.Conv2d (slicing its weight)
+    assert rel(concat_free_head(x, ref.ppm, ref.cls[0], ref.cls[1]), ref(x)) <= 1e-10
 
 
 def test_rejects_a_conv_the_identity_does_not_cover():

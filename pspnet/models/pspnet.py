@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psp_kernels import PyramidPooling
-from psp_kernels.head import concat_free_head
+from psp_kernels.head import HeadConv, concat_free_head
 from psp_kernels.geometry import DEFAULT_BINS, check_bins
 
 from .resnet import RESNET_BLOCKS, ResNet, dilate_layer
@@ -49,10 +49,12 @@ def output_size(height: int, width: int, zoom_factor: int = 8) -> tuple[int, int
     return (height - 1) // 8 * zoom_factor + 1, (width - 1) // 8 * zoom_factor + 1
 
 
-def _head(in_channels: int, mid_channels: int, classes: int, dropout: float) -> nn.Sequential:
-    """semseg's ``cls``/``aux`` head: 3x3 conv (no bias) - BN - ReLU - Dropout2d - 1x1 conv (bias)."""
+def _head(in_channels: int, mid_channels: int, classes: int, dropout: float,
+          conv: Optional[nn.Module] = None) -> nn.Sequential:
+    """semseg's ``cls``/``aux`` head: 3x3 conv (no bias) - BN - ReLU - Dropout2d - 1x1 conv (bias); ``conv``
+    replaces the 3x3 conv (the concat-free head's :class:`psp_kernels.head.HeadConv`, same keys)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+        conv or nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
         nn.BatchNorm2d(mid_channels),
         nn.ReLU(inplace=True),
         nn.Dropout2d(p=dropout),
@@ -146,7 +148,7 @@ class PSPNet(nn.Module):
 
         # --- heads
         self.ppm = PyramidPooling(fea_dim, fea_dim // len(bins), bins, fused=fused)
-        self.cls = _head(fea_dim * 2, 512, classes, dropout)
+        self.cls = _head(fea_dim * 2, 512, classes, dropout, HeadConv(fea_dim, fea_dim, 512) if fused else None)
         aux_in = 256 * block.expansion
         self.aux = _head(aux_in, 256, classes, dropout)
 
