@@ -1,7 +1,7 @@
 """PSP head benchmark: concat-free head vs semseg's concat head (eager, torch.compile), and PSPNet-50 steps.
 
     python bench/head_bench.py [--device cpu|cuda] [--batch N ...] [--channels 2048] [--size H ...]
-        [--dtype fp32|bf16 ...] [--rounds 5] [--reps 1] [--no-compile] [--no-model] [--model-size 233]
+        [--dtype fp32|bf16 ...] [--rounds 5] [--reps 1] [--no-compile] [--no-model] [--model-size 233 473]
         [--model-batch 2] [--out bench/results]
 
 Head = pyramid pooling + 3x3 conv (C + 4R -> 512) + BN + ReLU (semseg's ``ppm`` and ``cls.0``-``cls.2``).
@@ -13,7 +13,7 @@ FLOPs of the head's 3x3 conv as the design computes it and TFLOP/s, speedups, re
 reference, and the activation memory: bytes of the tensors autograd saves for backward (distinct
 storages, parameters excluded, with and without x itself; CPU and GPU) and, on GPU, ``torch.cuda.max_memory_allocated`` above the inputs.
 Whole-model rows: a PSPNet-50 training step (SGD, fused=True vs fused=False, the same weights) at
-``--model-batch`` x ``--model-size``^2.
+``--model-batch`` x ``--model-size``^2 (each size; default 233 and semseg's 473 crop).
 Defaults: CPU N=2, C=2048, 60x60, fp32; CUDA N=8/16, 60x60 and 90x90, bf16 and fp32.
 Writes ``<out>/head_<device>_<date>.{json,md}``.
 """
@@ -92,9 +92,18 @@ def step_fn(module, x, g, train: bool):
         for p in module.parameters():
             p.grad = None
         module(xi).backward(g)
-        return [xi.grad] + [p.grad for p in module.parameters()]
+        return [xi.grad] + param_grads(module)
     run.x = xi
     return run
+
+
+def param_grads(module) -> list[torch.Tensor]:
+    """Parameter gradients in semseg's layout, by name: a HeadConv's two parts joined into its weight."""
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    for name in [n for n in grads if n.endswith(".weight_x")]:
+        base = name[:-len("_x")]
+        grads[base] = torch.cat([grads.pop(name), grads.pop(base + "_branches")], dim=1)
+    return [grads[k] for k in sorted(grads)]
 
 
 def rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -154,10 +163,16 @@ def bench_model(device, args) -> list[dict]:
         torch.manual_seed(0)
         nets[name] = PSPNet(layers=50, classes=19, fused=fused).to(device).train()
     nets["pspnet50_fused"].load_state_dict(nets["pspnet50_reference"].state_dict())
-    size = args.model_size
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
+    rows = []
+    for size in args.model_size:
+        rows += _model_rows(nets, opts, size, device, args)
+    return rows
+
+
+def _model_rows(nets, opts, size, device, args) -> list[dict]:
     x = torch.randn(args.model_batch, 3, size, size, device=device)
     y = torch.randint(0, 19, (args.model_batch, size, size), device=device)
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
 
     def step(name):
         def run():
@@ -208,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--no-model", action="store_true", help="skip the PSPNet-50 training-step rows")
-    p.add_argument("--model-size", type=int, default=233)
+    p.add_argument("--model-size", type=int, nargs="+", default=[233, 473])
     p.add_argument("--model-batch", type=int, default=2)
     p.add_argument("--out", default=str(BENCH / "results"))
     return p.parse_args(argv)

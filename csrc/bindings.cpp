@@ -3,7 +3,7 @@
 // order, and results.
 // bins: a sequence of ints; per-bin parameters: lists of tensors; list results come back as lists.
 // Built with CUDA (PSP_WITH_CUDA), the submodule psp_kernels._C.cuda holds the same nine functions for
-// CUDA tensors.
+// CUDA tensors. The concat-free head's epilogue (head_forward, head_backward) is CPU only.
 #include <torch/extension.h>
 
 #include "cpu/ppm_cpu.h"
@@ -35,6 +35,11 @@ constexpr const char* kUpsampleIntoDoc =
 constexpr const char* kPoolBackwardAddDoc =
     "residual + pool_backward(grad_pooled, ...), summed in the accumulation dtype and rounded once; residual "
     "may be a channel-slice view (NCHW or channels_last).";
+constexpr const char* kHeadForwardDoc =
+    "relu(bn(y + u @ bw^T)) of the concat-free head (y NCHW or channels_last, u [N, O, H, K] and bw [W, K] in "
+    "the accumulation dtype); returns (out, z, mean, var), z empty unless keep_z or training.";
+constexpr const char* kHeadBackwardDoc =
+    "Gradient of head_forward; returns (grad_y, grad_u = grad_z @ bw, grad_bn [2, O] = (grad_gamma, grad_beta)).";
 
 }  // namespace
 
@@ -64,6 +69,12 @@ constexpr const char* kPoolBackwardAddDoc =
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused pyramid pooling module (PPM) kernels for PSPNet: CPU backend (see psp_kernels.reference).";
   PSP_BIND_BACKEND(m, psp::cpu);
+  m.def("head_forward", &psp::cpu::head_forward, kHeadForwardDoc, py::arg("y"), py::arg("u"), py::arg("bw"),
+        py::arg("gamma"), py::arg("beta"), py::arg("running_mean"), py::arg("running_var"), py::arg("training"),
+        py::arg("eps"), py::arg("keep_z"));
+  m.def("head_backward", &psp::cpu::head_backward, kHeadBackwardDoc, py::arg("grad_out"), py::arg("z"),
+        py::arg("bw"), py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("var"), py::arg("training"),
+        py::arg("eps"));
 #ifdef PSP_WITH_CUDA
   py::module_ cu = m.def_submodule(
       "cuda", "Fused PPM kernels for CUDA tensors: the same functions as the CPU backend.");

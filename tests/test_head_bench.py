@@ -29,7 +29,8 @@ def test_head_bench_tiny(tmp_path):
     free, concat = heads[("fwd+bwd", "concat_free")], heads[("fwd+bwd", "eager_concat")]
     assert "saved_bytes" not in heads[("fwd", "concat_free")]
     assert 0 < free["saved_bytes_beyond_x"] < free["saved_bytes"]          # x itself is saved (conv wgrad)
-    assert free["saved_bytes_beyond_x"] < concat["saved_bytes_beyond_x"]    # no concat, no upsampled branches
+    # the memory target: at least 2*N*C*H*W elements (fp32 here) fewer saved for backward
+    assert free["saved_bytes_beyond_x"] + 2 * 2 * 32 * 12 * 12 * 4 <= concat["saved_bytes_beyond_x"]
     steps = {r["impl"]: r for r in rows if r["case"] == "train step"}
     assert set(steps) == {"pspnet50_fused", "pspnet50_reference"}
     assert steps["pspnet50_reference"]["speedup_vs_reference"] == 1.0

@@ -1,7 +1,8 @@
 // CPU kernels of the fused pyramid pooling module (PPM): shared declarations and small helpers.
 //
-// Interface: the six functions of psp_kernels/reference.py and its three fused-pass variants (same
-// arguments, results, dtypes and memory formats). Layout conventions (psp_kernels/geometry.py):
+// Interface: the six functions of psp_kernels/reference.py, its three fused-pass variants and the
+// concat-free head's epilogue (same arguments, results, dtypes and memory formats). Layout
+// conventions (psp_kernels/geometry.py):
 //   - x [N, C, H, W] is read natively when NCHW-contiguous or channels_last (NHWC); any other
 //     strides are made contiguous first (see `kernel_layout`).
 //   - pooled [N, C, S] and branches [N, R, S] pack all bins of one (n, c) into one row of
@@ -61,6 +62,19 @@ at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64
 // Writes the upsampled branches into concat[:, channels:] in place (x is already in concat[:, :channels]).
 void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
                    int64_t channels);
+
+// head.cpp
+// The concat-free head's epilogue (psp_kernels/reference.py: head_forward, head_backward; CPU only):
+// relu(bn(y + u @ bw^T)) with y [N, O, H, W] (NCHW or channels_last), u [N, O, H, K] and bw [W, K] in the
+// accumulation dtype; returns (out, z, mean, var), and (grad_y, grad_u, grad_bn [2, O] = (grad_gamma,
+// grad_beta)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward(
+    const at::Tensor& y, const at::Tensor& u, const at::Tensor& bw, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
+    double eps, bool keep_z);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& bw, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, bool training, double eps);
 
 // ----------------------------------------------------------------------------------------------
 // Packed bin layout.
