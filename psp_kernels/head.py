@@ -37,6 +37,33 @@ def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, de
     return _MATRIX_CACHE[key]
 
 
+class _TapMix(torch.autograd.Function):
+    """Every bin's per-tap channel mix: ``q_k[n, s, (t, o)] = sum_r p_k[n, r, s] w[(t, o), k, r]``.
+
+    ``w`` [kh*kw*O, nb, R] (a view of a tap-major weight: each bin's [kh*kw*O, R] operand is a GEMM view);
+    ``p_k`` [N, R, b, b]; ``q_k`` [N, b*b, kh*kw*O]. The backward writes each bin's weight gradient straight
+    into its slice of one [kh*kw*O, nb, R] buffer, where autograd of per-bin views would stack copies.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, *ps: torch.Tensor):
+        ctx.save_for_backward(w, *ps)
+        return tuple(torch.matmul(p.flatten(2).transpose(1, 2), w[:, k].t()) for k, p in enumerate(ps))
+
+    @staticmethod
+    def backward(ctx, *grad_qs: torch.Tensor):
+        w, *ps = ctx.saved_tensors
+        grad_w = torch.empty_like(w) if ctx.needs_input_grad[0] else None
+        grad_ps = []
+        for k, (p, g) in enumerate(zip(ps, grad_qs)):
+            if grad_w is not None:
+                torch.mm(g.reshape(-1, g.shape[-1]).t(), p.flatten(2).transpose(1, 2).reshape(-1, p.shape[1]),
+                         out=grad_w[:, k])
+            grad_ps.append(torch.matmul(g, w[:, k]).transpose(1, 2).reshape(p.shape)
+                           if ctx.needs_input_grad[k + 1] else None)
+        return (grad_w, *grad_ps)
+
+
 def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
                    padding: int = 1, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch term of the head conv, ``conv2d(cat([up(p_b) for b in bins]), weight)``, factored as
@@ -60,11 +87,9 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
     height, width = size
     dt, dev = acc_dtype(branches.dtype), branches.device
     us, bws = [], []
-    # [kh*kw*O, nb, R] and one unbind: each bin's [kh*kw*O, R] GEMM operand is a view when the weight is
-    # tap-major contiguous, and the unbind's backward stacks the bins' gradients in one pass.
-    per_bin = weight_taps.to(dt).reshape(kh * kw * o, len(bins), r).unbind(1)
-    for b, p, w in zip(bins, split_bins(branches.to(dt), bins), per_bin):
-        q = torch.matmul(p.flatten(2).transpose(1, 2), w.t()).reshape(n, b, b, kh, kw, o)  # [N, a, b, kh, kw, O]
+    qs = _TapMix.apply(weight_taps.to(dt).reshape(kh * kw * o, len(bins), r), *split_bins(branches.to(dt), bins))
+    for b, q in zip(bins, qs):
+        q = q.reshape(n, b, b, kh, kw, o)                                             # [N, a, b, kh, kw, O]
         bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
         us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
         bws.append(_taps(width, b, kw, padding, dilation, dt, dev).permute(1, 0, 2).reshape(width, kw * b))
