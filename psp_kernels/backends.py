@@ -139,7 +139,9 @@ def resolve(device: torch.device, name: str | None = None) -> ModuleType | Measu
 
     The backend provides ``pool_forward``, ``pool_backward``, ``project_forward``, ``project_backward``,
     ``upsample_forward`` and ``upsample_backward``, and the fused-pass functions ``pool_concat_forward``,
-    ``upsample_into``, ``pool_backward_add`` (see ``psp_kernels.reference``).
+    ``upsample_into``, ``pool_backward_add`` (see ``psp_kernels.reference``); all but ``cuda`` also the
+    head epilogue's ``head_forward`` / ``head_backward`` (``psp_kernels.ops.head`` uses Triton for CUDA
+    tensors when the chosen backend lacks them).
 
     Raises:
         ValueError: unknown backend name.

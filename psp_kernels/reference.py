@@ -2,7 +2,8 @@
 
 Every backend (this module, ``psp_kernels.triton``, the compiled ``psp_kernels._C``) provides the same
 six functions with the same arguments and results, and the three fused-pass variants at the end of this
-module (``pool_concat_forward``, ``upsample_into``, ``pool_backward_add``, used by the whole-PPM op).
+module (``pool_concat_forward``, ``upsample_into``, ``pool_backward_add``, used by the whole-PPM op); all
+but the CUDA C++ backend also provide the concat-free head's epilogue (``head_forward``, ``head_backward``).
 ``psp_kernels.ops`` calls them through ``psp_kernels.backends``. Layout conventions (see ``psp_kernels.geometry``):
 
 - ``pooled`` [N, C, S] and ``branches`` [N, R, S]: bins packed along the last dim, contiguous,
