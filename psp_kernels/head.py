@@ -37,6 +37,15 @@ def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, de
     return _MATRIX_CACHE[key]
 
 
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = a @ b`` for a strided ``out`` view: BLAS writes it in place in eager mode; under
+    torch.compile (which rejects a non-contiguous ``out=``) an assignment that Inductor plans itself."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.mm(a, b))
+    else:
+        torch.mm(a, b, out=out)
+
+
 class _TapMix(torch.autograd.Function):
     """Every bin's per-tap channel mix: ``q_k[n, s, (t, o)] = sum_r p_k[n, r, s] w[(t, o), k, r]``.
 
@@ -57,8 +66,8 @@ class _TapMix(torch.autograd.Function):
         grad_ps = []
         for k, (p, g) in enumerate(zip(ps, grad_qs)):
             if grad_w is not None:
-                torch.mm(g.reshape(-1, g.shape[-1]).t(), p.flatten(2).transpose(1, 2).reshape(-1, p.shape[1]),
-                         out=grad_w[:, k])
+                _mm_into(g.reshape(-1, g.shape[-1]).t(), p.flatten(2).transpose(1, 2).reshape(-1, p.shape[1]),
+                         grad_w[:, k])
             grad_ps.append(torch.matmul(g, w[:, k]).transpose(1, 2).reshape(p.shape)
                            if ctx.needs_input_grad[k + 1] else None)
         return (grad_w, *grad_ps)

@@ -118,3 +118,56 @@ def test_cuda_graph_replay_matches_eager():
         torch.cuda.synchronize()
         assert torch.equal(static_out, ours(new_x))
         assert not torch.equal(static_out, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# The concat-free head: the compiled head_bn_relu kernels and the whole PSPHead
+# --------------------------------------------------------------------------------------------------
+
+HEAD_SHAPES = [(2, 512, 60, 60, 36), (16, 512, 90, 90, 36), (1, 40, 5, 4, 9), (2, 33, 13, 70, 36)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_head_epilogue_matches_reference(shape, dtype, layout, training):
+    """Compiled head_forward / head_backward against the reference: fp64 1e-12, fp32 1e-5 (max-normalised),
+    fp16/bf16 normwise within 2x the reference's own error vs fp64."""
+    from psp_kernels import reference as ref
+    from psp_kernels import triton as tri
+    from test_head import normwise, op_inputs
+    y, u, bw, bn = [t.cuda() if isinstance(t, torch.Tensor) else [v.cuda() for v in t]
+                    for t in op_inputs(shape, dtype, layout)]
+    g = torch.randn(y.shape, device="cuda").to(dtype)
+    got = tri.head_forward(y, u, bw, *bn, training, 1e-5, True)
+    exp = ref.head_forward(y, u, bw, *bn, training, 1e-5, True)
+    back = tri.head_backward(g, exp[1], bw, bn[0], bn[1], exp[2], exp[3], training, 1e-5)
+    back_ref = ref.head_backward(g, exp[1], bw, bn[0], bn[1], exp[2], exp[3], training, 1e-5)
+    assert got[0].stride() == exp[0].stride() and back[0].stride() == back_ref[0].stride()
+    if dtype in (torch.float64, torch.float32):
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in [*zip(got, exp), *zip(back, back_ref)]:
+            assert ((a - b).abs().max() / b.abs().max()).item() <= tol
+        return
+    oracle = ref.head_forward(y.double(), u.double(), bw.double(), *[t.double() for t in bn], training, 1e-5, True)
+    back_o = ref.head_backward(g.double(), exp[1].double(), bw.double(), bn[0].double(), bn[1].double(),
+                               exp[2].double(), exp[3].double(), training, 1e-5)
+    for a, b, o in [*list(zip(got, exp, oracle))[:2], *zip(back, back_ref, back_o)]:
+        assert normwise(a, o) <= 2 * normwise(b, o) + 1e-3
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_psp_head_matches_concat_head(dtype, training):
+    """PSPHead (HeadConv, Triton PPM and epilogue) against the fp64 concat head, output and grad of x."""
+    from test_head import make_heads
+    ours, oracle = make_heads(256, torch.float64, out=64)
+    ours, oracle = ours.cuda().to(dtype), oracle.cuda()
+    ours.train(training), oracle.train(training)
+    x = torch.randn(2, 256, 60, 60, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    xa, xo = x.clone().requires_grad_(), x.double().requires_grad_()
+    out, expected = ours(xa), oracle(xo)
+    g = torch.randn_like(expected)
+    out.backward(g.to(dtype)), expected.backward(g)
+    assert _rel(out, expected) <= TOL[dtype] and _rel(xa.grad, xo.grad) <= TOL[dtype]
