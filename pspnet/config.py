@@ -51,7 +51,9 @@ class TrainConfig:
     data_root: str = "../shared/data/camvid"
     """Dataset root folder (relative paths are relative to the current working directory)."""
     dataset: str = "camvid"
-    """Dataset name; only ``camvid`` is implemented."""
+    """Dataset layout: ``camvid``, ``ade20k`` (the ADEChallengeData2016 folder), ``voc2012`` (semseg's
+    voc2012 folder with SBD and list/), ``cityscapes`` or ``folder`` (``<split>/images``, ``<split>/labels``);
+    see :mod:`pspnet.data.datasets`."""
     classes: int = 11
     """Number of classes K (network output channels)."""
     ignore_label: int = 255
@@ -74,6 +76,11 @@ class TrainConfig:
     """Dropout2d probability in the cls and aux heads."""
     aux_weight: float = 0.4
     """Weight of the auxiliary (layer3) loss: loss = main_loss + aux_weight * aux_loss."""
+    deep_stem: bool = True
+    """semseg's 3x3 deep stem (True) or torchvision's 7x7 stem (False, for torchvision ImageNet weights)."""
+    backbone_weights: Optional[str] = None
+    """ImageNet ResNet weights for the backbone of a fresh run (semseg's ``resnet50_v2.pth`` format with
+    ``deep_stem``, torchvision's without); None = random init. Ignored on resume."""
     fused: bool = True
     """Use the fused pyramid-pooling kernels (False = the plain PyTorch PPM)."""
     channels_last: bool = True
@@ -167,7 +174,8 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"config key '{key}': {what}, got {getattr(self, key)!r}")
 
-        need(self.dataset == "camvid", "dataset", "only 'camvid' is supported")
+        from pspnet.data.datasets import DATASETS
+        need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
         need(self.classes >= 1, "classes", "must be >= 1")
         need(self.ignore_label == 255, "ignore_label",
              "only 255 is supported (CamVid's void value and PSPNet's CrossEntropyLoss ignore_index)")

@@ -68,10 +68,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """``pspnet.models.PSPNet`` from the config's model fields (layers, classes, bins, dropout,
-    zoom_factor, aux_weight, fused), in channels_last memory format when ``cfg.channels_last``."""
+    zoom_factor, aux_weight, fused, deep_stem), in channels_last memory format when ``cfg.channels_last``."""
     from pspnet.models import PSPNet
     model = PSPNet(layers=cfg.layers, classes=cfg.classes, bins=tuple(cfg.bins), dropout=cfg.dropout,
-                   zoom_factor=cfg.zoom_factor, aux_weight=cfg.aux_weight, fused=cfg.fused)
+                   zoom_factor=cfg.zoom_factor, aux_weight=cfg.aux_weight, fused=cfg.fused, deep_stem=cfg.deep_stem)
     return model.to(memory_format=memory_format(cfg))
 
 
@@ -190,29 +190,31 @@ def _check_classes(dataset: Any, cfg: TrainConfig) -> None:
                           f"has {dataset.num_classes} classes")
 
 
+def _open(cfg: TrainConfig, split: str, transform=None) -> Dataset:
+    from pspnet.data.datasets import open_dataset
+    ds = open_dataset(cfg.dataset, cfg.data_root, split, transform, cache=cfg.cache_data, num_classes=cfg.classes)
+    _check_classes(ds, cfg)
+    return ds
+
+
 def build_train_set(cfg: TrainConfig) -> Dataset:
-    """CamVid ``train`` split with semseg's augmentation (crop train_h x train_w, scale, rotate),
-    limited to ``max_samples``.
+    """The ``dataset``'s ``train`` split with semseg's augmentation (crop train_h x train_w, scale,
+    rotate), limited to ``max_samples``.
 
     Raises:
-        FileNotFoundError / ValueError: from CamVid (missing folder, bad classes.json, ...).
+        FileNotFoundError / ValueError: from the dataset (missing folder, list or partner file, ...).
         ConfigError: the dataset's class count differs from ``classes``.
     """
-    from pspnet.data import IMAGENET_MEAN, IMAGENET_STD, CamVid, train_transform
+    from pspnet.data import IMAGENET_MEAN, IMAGENET_STD, train_transform
     transform = train_transform((cfg.train_h, cfg.train_w), scale=(cfg.scale_min, cfg.scale_max),
                                 rotate=(cfg.rotate_min, cfg.rotate_max), mean=IMAGENET_MEAN,
                                 std=IMAGENET_STD, ignore_label=cfg.ignore_label)
-    ds = CamVid(cfg.data_root, "train", transform=transform, cache=cfg.cache_data)
-    _check_classes(ds, cfg)
-    return limit_dataset(ds, cfg.max_samples)
+    return limit_dataset(_open(cfg, "train", transform), cfg.max_samples)
 
 
 def build_eval_set(cfg: TrainConfig, split: str = "val", limit: Optional[int] = None) -> Dataset:
-    """CamVid ``split`` without transform (uint8 RGB image, uint8 label), first ``limit`` items."""
-    from pspnet.data import CamVid
-    ds = CamVid(cfg.data_root, split, cache=cfg.cache_data)
-    _check_classes(ds, cfg)
-    return limit_dataset(ds, limit)
+    """The ``dataset``'s ``split`` without transform (uint8 RGB image, uint8 label), first ``limit`` items."""
+    return limit_dataset(_open(cfg, split), limit)
 
 
 def build_train_loader(dataset: Dataset, cfg: TrainConfig, sampler: EpochSampler) -> DataLoader:

@@ -21,14 +21,15 @@ from .config import ConfigError, TrainConfig
 from .engine import (EpochSampler, JsonlLog, base_dataset, build_eval_set, build_model, build_optimizer,
                      build_train_loader, build_train_set, evaluate_dataset, get_rng_state, memory_format, set_poly_lr,
                      set_rng_state, set_seed, write_report)
-from .models import load_state_dict
+from .models import load_backbone, load_state_dict
 
 __all__ = ["Trainer"]
 
 # config keys whose change on resume is expected (schedule length, bookkeeping, evaluation)
 _RESUME_FREE_KEYS = {"resume", "overwrite", "max_iters", "epochs", "eval_freq", "save_freq", "keep_last",
                      "log_freq", "workers", "threads", "cache_data", "max_val_samples", "batch_size_val",
-                     "base_size", "test_h", "test_w", "scales", "flip", "window_batch", "save_path", "data_root"}
+                     "base_size", "test_h", "test_w", "scales", "flip", "window_batch", "save_path", "data_root",
+                     "backbone_weights"}
 
 
 class _Window:
@@ -94,6 +95,8 @@ class Trainer:
         self.last_metrics: Optional[dict[str, Any]] = None
         if state is not None:
             self._restore(state, self.resumed_from)
+        elif cfg.backbone_weights is not None:
+            load_backbone(self.model, cfg.backbone_weights)
         self.sampler = EpochSampler(len(self.train_set), cfg.seed)
         self.loader = build_train_loader(self.train_set, cfg, self.sampler)
         self.val_set = None

@@ -530,3 +530,35 @@ def test_load_state_dict_variants_and_errors():
         load_state_dict(dst, {"cls.4.bias": torch.zeros(4)}, strict=False)
     with pytest.raises(TypeError):
         load_state_dict(dst, 3)
+
+
+@pytest.mark.parametrize("deep_stem", [True, False], ids=["semseg_deep_stem", "torchvision_stem"])
+def test_load_backbone_imagenet_formats(tmp_path, deep_stem):
+    """ImageNet ResNet weights in semseg's deep-stem format (conv1..bn3) or torchvision's (7x7 conv1)
+    land in layer0..layer4 exactly; fc is ignored; the heads are untouched; a format mismatch names keys."""
+    from pspnet.models import ResNet, load_backbone
+    from pspnet.models.resnet import RESNET_BLOCKS
+    torch.manual_seed(0)
+    imagenet = ResNet(RESNET_BLOCKS[18][0], RESNET_BLOCKS[18][1], num_classes=1000, deep_base=deep_stem)
+    with torch.no_grad():
+        for p in imagenet.parameters():
+            p.normal_()
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in imagenet.state_dict().items()}}, path)
+    model = PSPNet(layers=18, classes=5, deep_stem=deep_stem)
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("ppm", "cls", "aux"))}
+    assert load_backbone(model, path) == ([], [])
+    src = imagenet.state_dict()
+    stem = {"layer0.0": "conv1", "layer0.1": "bn1", "layer0.3": "conv2", "layer0.4": "bn2", "layer0.6": "conv3",
+            "layer0.7": "bn3"}
+    for key, value in model.state_dict().items():
+        top, _, rest = key.partition(".")
+        if top in ("ppm", "cls", "aux"):
+            assert torch.equal(value, head_before[key]), key
+            continue
+        layer_key = key.split(".", 2)
+        name = f"{stem['.'.join(layer_key[:2])]}.{layer_key[2]}" if top == "layer0" else key
+        assert torch.equal(value, src[name]), key
+    wrong = PSPNet(layers=18, classes=5, deep_stem=not deep_stem)
+    with pytest.raises(RuntimeError, match="cannot load state_dict into PSPNet"):
+        load_backbone(wrong, path)

@@ -1,6 +1,8 @@
-"""Data loading and augmentation for PSPNet on CamVid.
+"""Data loading and augmentation for PSPNet.
 
-:class:`CamVid` reads the SegNet 11-class CamVid copy in ``shared/data/camvid``;
+:class:`CamVid` reads the SegNet 11-class CamVid copy in ``shared/data/camvid``; :class:`ADE20K`,
+:class:`VOC2012` (with SBD), :class:`Cityscapes` and :class:`ImageFolderSegmentation` read those datasets in
+their own layouts (:mod:`pspnet.data.datasets`);
 the transforms reproduce semseg ``util/transform.py`` (see
 :mod:`pspnet.data.transforms`).  Typical use::
 
@@ -10,6 +12,7 @@ the transforms reproduce semseg ``util/transform.py`` (see
 """
 
 from .camvid import CamVid
+from .datasets import ADE20K, VOC2012, Cityscapes, ImageFolderSegmentation
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,7 +31,11 @@ from .transforms import (
 )
 
 __all__ = [
+    "ADE20K",
     "CamVid",
+    "Cityscapes",
+    "ImageFolderSegmentation",
+    "VOC2012",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Compose",

@@ -80,6 +80,8 @@ class PSPNet(nn.Module):
             ``False`` runs semseg's module math for both. Same parameters and results either way.
         criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
             ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
+        deep_stem: semseg's 3x3 deep stem (default); ``False``: torchvision's 7x7 stem (``layer0`` =
+            Sequential(conv1, bn1, relu, maxpool)), for torchvision ImageNet weights.
 
     Modules (state_dict order and names exactly semseg's; PSPNet-50: 370 entries, PSPNet-101: 676):
         ``layer0`` = Sequential(conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool) (one ReLU
@@ -90,7 +92,7 @@ class PSPNet(nn.Module):
         ``aux.4``). No ``fc``/``avgpool``. ``criterion`` holds no state.
 
     Init: backbone kaiming_normal(fan_out) convs, BN weight 1 / bias 0; ``ppm``, ``cls``, ``aux`` PyTorch
-    defaults (as semseg, which then loads ImageNet weights into the backbone; we load none).
+    defaults (as semseg, which then loads ImageNet weights into the backbone: :func:`load_backbone`).
 
     Raises:
         ValueError: any argument out of range. TypeError: non-int ``layers``/``classes``/``zoom_factor``,
@@ -99,7 +101,7 @@ class PSPNet(nn.Module):
 
     def __init__(self, layers: int = 50, classes: int = 2, bins: Sequence[int] = DEFAULT_BINS,
                  dropout: float = 0.1, zoom_factor: int = 8, aux_weight: float = 0.4, fused: bool = True,
-                 criterion: Optional[Callable[..., torch.Tensor]] = None):
+                 criterion: Optional[Callable[..., torch.Tensor]] = None, deep_stem: bool = True):
         super().__init__()
         # --- validate everything before building the (large) backbone
         for name, value in (("layers", layers), ("classes", classes), ("zoom_factor", zoom_factor)):
@@ -138,9 +140,12 @@ class PSPNet(nn.Module):
         self.criterion = criterion  # registered first, as in semseg; CrossEntropyLoss has no state
 
         # --- backbone (semseg: ResNet deep_base, stem re-wrapped as layer0, then dilation surgery)
-        resnet = ResNet(block, RESNET_BLOCKS[layers][1], num_classes=None, deep_base=True)
-        self.layer0 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.conv2, resnet.bn2,
-                                    resnet.relu, resnet.conv3, resnet.bn3, resnet.relu, resnet.maxpool)
+        self.deep_stem = bool(deep_stem)
+        resnet = ResNet(block, RESNET_BLOCKS[layers][1], num_classes=None, deep_base=self.deep_stem)
+        stem = [resnet.conv1, resnet.bn1, resnet.relu]
+        if self.deep_stem:
+            stem += [resnet.conv2, resnet.bn2, resnet.relu, resnet.conv3, resnet.bn3, resnet.relu]
+        self.layer0 = nn.Sequential(*stem, resnet.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
         dilate_layer(self.layer3, 2)
@@ -295,8 +300,12 @@ def load_state_dict(model: nn.Module, state: Union[Mapping[str, Any], str, os.Pa
             whenever a shared key has a different shape; the message lists the first 10 of each kind.
         TypeError: ``state`` is not a mapping or path.
     """
-    sd = _extract_state_dict(state)
-    own = model.state_dict()
+    return _load_checked(model, _extract_state_dict(state), model.state_dict(), strict)
+
+
+def _load_checked(model: nn.Module, sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                  strict: bool) -> LoadResult:
+    """Load ``sd`` into the entries ``own`` of model's state_dict after checking keys and shapes."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     # BatchNorm fills a missing num_batches_tracked itself (old checkpoints); not an error
@@ -320,3 +329,37 @@ def load_state_dict(model: nn.Module, state: Union[Mapping[str, Any], str, os.Pa
         raise RuntimeError(f"cannot load state_dict into {type(model).__name__}:\n" + "\n".join(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return LoadResult(missing_keys=missing, unexpected_keys=unexpected)
+
+
+_DEEP_STEM = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3", "bn2": "layer0.4", "conv3": "layer0.6",
+              "bn3": "layer0.7"}
+
+
+def load_backbone(model: "PSPNet", state: Union[Mapping[str, Any], str, os.PathLike]) -> LoadResult:
+    """Initialise ``model``'s backbone (``layer0``-``layer4``) from ImageNet ResNet weights, in place.
+
+    Args:
+        model: a :class:`PSPNet`; ``model.deep_stem`` picks the format. ``True``: semseg's deep-stem
+            ResNet (``initmodel/resnet50_v2.pth``: ``conv1/bn1/conv2/bn2/conv3/bn3``, ``layer1``-``layer4``,
+            ``fc``); ``False``: torchvision's ResNet (7x7 ``conv1``/``bn1``, ``layer1``-``layer4``, ``fc``).
+        state: a state_dict, a checkpoint dict holding one (``state_dict`` key), or a path (loaded on CPU
+            with ``weights_only=True``); a ``module.`` prefix is stripped. ``fc.*`` is ignored.
+
+    Returns:
+        :class:`LoadResult` (both lists empty: every backbone tensor was loaded).
+
+    Raises:
+        RuntimeError: (before touching the model) a backbone key missing from the file, a key the backbone
+            does not have (e.g. a deep-stem file into ``deep_stem=False``), or a shape mismatch; the message
+            lists the first 10 of each.
+    """
+    stem = _DEEP_STEM if model.deep_stem else {k: _DEEP_STEM[k] for k in ("conv1", "bn1")}
+    mapped = {}
+    for key, value in _extract_state_dict(state).items():
+        head, _, rest = key.partition(".")
+        if head == "fc":
+            continue
+        mapped[f"{stem[head]}.{rest}" if head in stem else key] = value
+    own = {k: v for k, v in model.state_dict().items() if k.partition(".")[0] in
+           ("layer0", "layer1", "layer2", "layer3", "layer4")}
+    return _load_checked(model, mapped, own, strict=True)
