@@ -18,9 +18,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch.utils.data
+
+from .datasets import read_pair
 
 __all__ = ["CamVid"]
 
@@ -191,30 +192,8 @@ class CamVid(torch.utils.data.Dataset):
         return len(self.files)
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decode item ``index`` -> (uint8 RGB H x W x 3, uint8 H x W), checked."""
-        image_path, label_path = self.files[index]
-        image = cv2.imread(image_path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise RuntimeError(f"cannot decode image {image_path} (missing, corrupt or truncated)")
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
-        if label is None:
-            raise RuntimeError(f"cannot decode label {label_path} (missing, corrupt or truncated)")
-        if label.ndim != 2:
-            raise ValueError(f"label {label_path} must be single-channel H x W, got shape {label.shape}")
-        if label.shape != image.shape[:2]:
-            raise ValueError(
-                f"label {label_path} has size {label.shape} but image {image_path} "
-                f"has size {image.shape[:2]} (H, W)"
-            )
-        bad = (label >= self.num_classes) & (label != self.ignore_index)
-        if bad.any():
-            values = np.unique(label[bad]).tolist()
-            raise ValueError(
-                f"label {label_path} has values {values[:10]} outside "
-                f"0..{self.num_classes - 1} and {self.ignore_index}"
-            )
-        return image, label.astype(np.uint8, copy=False)
+        """Decode item ``index`` -> (uint8 RGB H x W x 3, uint8 H x W), checked (``datasets.read_pair``)."""
+        return read_pair(*self.files[index], self.num_classes)
 
     def _get_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None:

@@ -51,6 +51,36 @@ def voc_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
+def read_pair(image_path: str, label_path: str, num_classes: int, label_lut: Optional[np.ndarray] = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one item: (uint8 RGB H x W x 3, uint8 H x W labels mapped through ``label_lut``).
+
+    Raises:
+        RuntimeError: OpenCV cannot decode a file (missing, corrupt or truncated); the message names it.
+        ValueError: a label that is not single-channel 8-bit, differs from the image in size, or holds
+            values other than 0..num_classes-1 and 255 (after the mapping); the message names the file.
+    """
+    image = cv2.imread(image_path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise RuntimeError(f"cannot decode image {image_path} (missing, corrupt or truncated)")
+    label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise RuntimeError(f"cannot decode label {label_path} (missing, corrupt or truncated)")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise ValueError(f"label {label_path} must be a single-channel 8-bit image H x W, got shape {label.shape} "
+                         f"{label.dtype}")
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"label {label_path} has size {label.shape} but image {image_path} has size "
+                         f"{image.shape[:2]} (H, W)")
+    if label_lut is not None:
+        label = label_lut[label]
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise ValueError(f"label {label_path} has values {np.unique(label[bad]).tolist()[:10]} outside "
+                         f"0..{num_classes - 1} and {IGNORE_INDEX}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
+
+
 def _label_lut(mapping: dict[int, int]) -> np.ndarray:
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for raw, cls in mapping.items():
@@ -93,26 +123,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, label_path = self.files[index]
-        image = cv2.imread(image_path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise RuntimeError(f"cannot decode image {image_path} (missing, corrupt or truncated)")
-        label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
-        if label is None:
-            raise RuntimeError(f"cannot decode label {label_path} (missing, corrupt or truncated)")
-        if label.ndim != 2 or label.dtype != np.uint8:
-            raise ValueError(f"label {label_path} must be a single-channel 8-bit image, got shape "
-                             f"{label.shape} {label.dtype}")
-        if label.shape != image.shape[:2]:
-            raise ValueError(f"label {label_path} has size {label.shape} but image {image_path} has size "
-                             f"{image.shape[:2]} (H, W)")
-        if self.label_lut is not None:
-            label = self.label_lut[label]
-        bad = (label >= self.num_classes) & (label != self.ignore_index)
-        if bad.any():
-            raise ValueError(f"label {label_path} has values {np.unique(label[bad]).tolist()[:10]} outside "
-                             f"0..{self.num_classes - 1} and {self.ignore_index}")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
+        return read_pair(*self.files[index], self.num_classes, self.label_lut)
 
     def __getitem__(self, index: int):
         image, label = self._load(index)
