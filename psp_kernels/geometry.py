@@ -130,3 +130,16 @@ def shifted_interpolation(out_size: int, in_size: int, kernel: int, padding: int
         if lo < hi:
             out[k, lo:hi] = a[lo + off:hi + off]
     return out
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def cached_table(key: tuple, make):
+    """``make()`` once per key (which names the device): small constant tables (the Triton launchers'
+    lookup tables, the head's interpolation matrices) then cost no construction or host-to-device copy
+    after the first call, so a CUDA-graph capture after a warm-up call copies nothing."""
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None:
+        hit = _DEVICE_TABLES[key] = make()
+    return hit

@@ -23,18 +23,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .geometry import DEFAULT_BINS, acc_dtype, shifted_interpolation, split_bins
+from .geometry import DEFAULT_BINS, acc_dtype, cached_table, shifted_interpolation, split_bins
 from .modules import PyramidPooling
 from .ops.head import head_bn_relu
 
-_MATRIX_CACHE: dict = {}
-
 
 def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, device) -> torch.Tensor:
-    key = (size, b, kernel, padding, dilation, dtype, str(device))
-    if key not in _MATRIX_CACHE:
-        _MATRIX_CACHE[key] = shifted_interpolation(size, b, kernel, padding, dilation, dtype, device)
-    return _MATRIX_CACHE[key]
+    """Cached ``shifted_interpolation`` [kernel, size, b]."""
+    return cached_table(("taps", size, b, kernel, padding, dilation, dtype, str(device)),
+                        lambda: shifted_interpolation(size, b, kernel, padding, dilation, dtype, device))
+
+
+def _bw_matrix(width: int, bins: Sequence[int], kw: int, padding: int, dilation: int, dtype, device) -> torch.Tensor:
+    """Cached [W, kw * sum(bins)]: every (tap column, bin column)'s W-axis interpolation weight, bins in order."""
+    return cached_table(("bw", width, tuple(bins), kw, padding, dilation, dtype, str(device)), lambda: torch.cat(
+        [_taps(width, b, kw, padding, dilation, dtype, device).permute(1, 0, 2).reshape(width, kw * b) for b in bins],
+        dim=1))
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -95,21 +99,13 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
     kh, kw, o, _ = weight_taps.shape
     height, width = size
     dt, dev = acc_dtype(branches.dtype), branches.device
-    us, bws = [], []
+    us = []
     qs = _TapMix.apply(weight_taps.to(dt).reshape(kh * kw * o, len(bins), r), *split_bins(branches.to(dt), bins))
     for b, q in zip(bins, qs):
         q = q.reshape(n, b, b, kh, kw, o)                                             # [N, a, b, kh, kw, O]
         bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
         us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
-        bws.append(_taps(width, b, kw, padding, dilation, dt, dev).permute(1, 0, 2).reshape(width, kw * b))
-    return torch.cat(us, dim=3), _bw(bws, (width, tuple(bins), kw, padding, dilation, dt, str(dev)))
-
-
-def _bw(parts: list[torch.Tensor], key: tuple) -> torch.Tensor:
-    key = ("bw",) + key
-    if key not in _MATRIX_CACHE:
-        _MATRIX_CACHE[key] = torch.cat(parts, dim=1)
-    return _MATRIX_CACHE[key]
+    return torch.cat(us, dim=3), _bw_matrix(width, bins, kw, padding, dilation, dt, dev)
 
 
 def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..geometry import acc_dtype
+from ..geometry import acc_dtype, cached_table  # noqa: F401 (cached_table: the launchers')
 
 
 TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -58,17 +58,25 @@ def flat_hw_stride(t: torch.Tensor) -> int:
     return t.stride(3)
 
 
-_DEVICE_TABLES: dict = {}
+def eps_args(eps: float) -> tuple[float, float]:
+    """eps as two fp32 kernel arguments whose sum is eps to fp64 precision (Triton passes floats as fp32)."""
+    hi = float(torch.tensor(eps, dtype=torch.float32))
+    return hi, float(torch.tensor(eps - hi, dtype=torch.float32))
 
 
-def cached_table(key: tuple, make):
-    """``make()`` once per key (which names the device): the launchers' small lookup tables then cost no
-    host-to-device copy after the first call, so a call launches only its kernel and a CUDA-graph capture
-    after a warm-up call copies nothing."""
-    hit = _DEVICE_TABLES.get(key)
-    if hit is None:
-        hit = _DEVICE_TABLES[key] = make()
-    return hit
+@triton.jit
+def relu_nan(y):
+    """NaN-propagating ReLU, as torch.relu: tl.maximum's default would turn a NaN into 0."""
+    return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def inv_std(var, eps, ACC_DTYPE: tl.constexpr):
+    """1 / sqrt(var + eps), correctly rounded sqrt (tl.sqrt_rn is fp32-only; fp64 tl.sqrt is exact)."""
+    if ACC_DTYPE == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return 1.0 / tl.sqrt_rn(var + eps)
 
 
 @dataclass(frozen=True)

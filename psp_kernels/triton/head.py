@@ -31,8 +31,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype
-from .common import CompileConfig, SIG_DTYPE, acc_tl, pow2
-from .projection import _eps_args, _inv_std, _relu
+from .common import CompileConfig, SIG_DTYPE, acc_tl, eps_args, inv_std, pow2, relu_nan
 
 BLOCK_O = 32         # channels per program
 BLOCK_W = 32         # columns per step along the row
@@ -49,7 +48,7 @@ def _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, 
     beta = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0)
     mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
     var = tl.load(var_ptr + offs_o, mask=mask_o, other=1.0)
-    invstd = _inv_std(var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE), ACC_DTYPE)
+    invstd = inv_std(var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE), ACC_DTYPE)
     scale = gamma * invstd
     return invstd, scale, beta - mean * scale, mean
 
@@ -122,7 +121,7 @@ def _head_fwd_kernel(
             run_mean += delta * (cnt / (seen + cnt))
             run_m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * cnt / (seen + cnt))
         else:
-            tl.store(out_ptr + off, _relu(zf * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + off, relu_nan(zf * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty),
                      mask=mask)
     if TRAINING:
         rows = tl.num_programs(0)
@@ -169,7 +168,7 @@ def _head_norm_kernel(z_ptr, out_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, O,
     for w0 in range(0, W, BLOCK_W):
         off, mask, _mask_w = _tile(base, offs_o, w0 + tl.arange(0, BLOCK_W), mask_o, W, s_o, s_w)
         zf = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
-        tl.store(out_ptr + off, _relu(zf * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + off, relu_nan(zf * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
 
@@ -296,7 +295,7 @@ def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torc
     var = torch.empty(o, dtype=acc, device=y.device)
     bn = _bn_args(gamma, beta, running_mean, running_var, acc)
     part = torch.empty(2, n * h, o, dtype=acc, device=y.device) if training else mean
-    hi, lo = _eps_args(eps)
+    hi, lo = eps_args(eps)
     strides = y.stride()
     _head_fwd_kernel[_grid(n, o, h)](
         y, u, bw, *bn, z if z.numel() else out, out, part, mean, var, o, h, w, k, hi, lo, *strides,
@@ -318,7 +317,7 @@ def head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, gam
     acc = acc_dtype(z.dtype)
     tacc = acc_tl(z.dtype)
     gamma, beta, mean, var = _bn_args(gamma, beta, mean, var, acc)
-    hi, lo = _eps_args(eps)
+    hi, lo = eps_args(eps)
     part = torch.empty(2, n * h, o, dtype=acc, device=z.device)
     sums = torch.empty(2, o, dtype=acc, device=z.device)
     strides = (*grad_out.stride(), *z.stride())

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets
-from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, cached_table, dot_upcast
+from .common import (CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, cached_table, dot_upcast, eps_args,
+                     inv_std, relu_nan)
 
 def _bin_table(bins: Sequence[int], device: torch.device) -> torch.Tensor:
     """i32 [2, nb]: bin sizes and packed offsets (cached per device)."""
@@ -51,18 +52,6 @@ def _pack_params(weights, gammas, betas, means, variances, dtype: torch.dtype):
     return flat[:nb * r * c].view(nb, r, c), flat[nb * r * c:].view(4, nb, r)
 
 
-def _eps_args(eps: float) -> tuple[float, float]:
-    """eps as two fp32 kernel arguments whose sum is eps to fp64 precision (Triton passes floats as fp32)."""
-    hi = float(torch.tensor(eps, dtype=torch.float32))
-    return hi, float(torch.tensor(eps - hi, dtype=torch.float32))
-
-
-@triton.jit
-def _relu(y):
-    # NaN-propagating ReLU, as torch.relu: tl.maximum's default would turn a NaN into 0.
-    return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
-
-
 @triton.jit
 def _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Bin k's (gamma, beta, mean, var) of the packed BN buffer, and eps, in the accumulation dtype."""
@@ -71,15 +60,6 @@ def _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB: tl.constexpr, A
     mean = tl.load(bn_ptr + (2 * NB + k) * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
     var = tl.load(bn_ptr + (3 * NB + k) * R + offs_r, mask=mask_r, other=1.0).to(ACC_DTYPE)
     return gamma, beta, mean, var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
-
-
-@triton.jit
-def _inv_std(var, eps, ACC_DTYPE: tl.constexpr):
-    """1 / sqrt(var + eps), correctly rounded sqrt (tl.sqrt_rn is fp32-only; fp64 tl.sqrt is exact)."""
-    if ACC_DTYPE == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)
-    else:
-        return 1.0 / tl.sqrt_rn(var + eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +75,7 @@ def _project_fwd_kernel(
     out_ptr,                    # [N, R, S] pooled dtype
     z_ptr,                      # [N, R, S] acc dtype
     mean_ptr, var_ptr,          # [nb, R] acc dtype
-    N, C, R, S, eps_hi, eps_lo,  # eps = eps_hi + eps_lo (fp32 arguments, see _eps_args)
+    N, C, R, S, eps_hi, eps_lo,  # eps = eps_hi + eps_lo (fp32 arguments, see eps_args)
     NB: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -112,7 +92,7 @@ def _project_fwd_kernel(
 
     if not TRAINING:
         # Eval: the statistics are the running ones, so BN + ReLU happen in the GEMM epilogue.
-        scale = gamma * _inv_std(var, eps, ACC_DTYPE)
+        scale = gamma * inv_std(var, eps, ACC_DTYPE)
         shift = beta - mean * scale
 
     # Pass 1: Z = P_k @ W_k^T, stored to z; column sums for the batch mean (training).
@@ -140,7 +120,7 @@ def _project_fwd_kernel(
             zsum += tl.sum(acc, axis=0)          # masked rows/cols are exact zeros
         else:
             y = acc * scale[None, :] + shift[None, :]
-            tl.store(out_ptr + z_off, _relu(y).to(out_ptr.dtype.element_ty), mask=mask_mr)
+            tl.store(out_ptr + z_off, relu_nan(y).to(out_ptr.dtype.element_ty), mask=mask_mr)
 
     if TRAINING:
         # Every z element re-read below was written by this program: a CTA barrier makes the global
@@ -158,7 +138,7 @@ def _project_fwd_kernel(
             sq += tl.sum(d * d, axis=0)
         var = sq / M
         # Pass 3: BN + ReLU.
-        scale = gamma * _inv_std(var, eps, ACC_DTYPE)
+        scale = gamma * inv_std(var, eps, ACC_DTYPE)
         shift = beta - mean * scale
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -167,7 +147,7 @@ def _project_fwd_kernel(
             mask_mr = mask_m[:, None] & mask_r[None, :]
             zt = tl.load(z_ptr + z_off, mask=mask_mr, other=0.0)
             y = zt * scale[None, :] + shift[None, :]
-            tl.store(out_ptr + z_off, _relu(y).to(out_ptr.dtype.element_ty), mask=mask_mr)
+            tl.store(out_ptr + z_off, relu_nan(y).to(out_ptr.dtype.element_ty), mask=mask_mr)
     tl.store(mean_ptr + k * R + offs_r, mean, mask=mask_r)
     tl.store(var_ptr + k * R + offs_r, var, mask=mask_r)
 
@@ -221,7 +201,7 @@ def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gamma
     bm, br, bk, nw = PROJ_FWD_CONFIGS[config or _proj_config(pooled.dtype, n * max(bins) ** 2, r, c)]
     grid = (nb * triton.cdiv(r, br),)
     _project_fwd_kernel[grid](
-        pooled, w, bn, _bin_table(bins, dev), out, z, mean, var, n, c, r, s, *_eps_args(eps),
+        pooled, w, bn, _bin_table(bins, dev), out, z, mean, var, n, c, r, s, *eps_args(eps),
         NB=nb, TRAINING=bool(training), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
         ACC_DTYPE=acc_tl(pooled.dtype), DOT_UPCAST=dot_upcast(w.dtype), num_warps=nw)
     return out, z, mean, var
@@ -251,7 +231,7 @@ def _bn_bwd_kernel(
     M = N * bb
 
     gamma, beta, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
-    invstd = _inv_std(var, eps, ACC_DTYPE)
+    invstd = inv_std(var, eps, ACC_DTYPE)
     scale = gamma * invstd
     shift = beta - mean * scale
 
@@ -399,7 +379,7 @@ def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tens
 
     bm, br, nw = cfg["bn"]
     _bn_bwd_kernel[(nb * triton.cdiv(r, br),)](
-        grad_out, z, bn, bins_t, dz, dgamma, dbeta, n, r, s, *_eps_args(eps),
+        grad_out, z, bn, bins_t, dz, dgamma, dbeta, n, r, s, *eps_args(eps),
         NB=nb, TRAINING=bool(training), BLOCK_M=bm, BLOCK_R=br, ACC_DTYPE=acc, num_warps=nw)
 
     bm, bc, bk, nw = cfg["dgrad"]
