@@ -1,4 +1,4 @@
-// BatchNorm as an affine map, shared by the CPU and CUDA projection kernels:
+// BatchNorm as an affine map and the NaN-propagating ReLU after it, shared by the CPU and CUDA kernels:
 // y = z * scale + shift with invstd = 1 / sqrt(var + eps), scale = gamma * invstd, shift = beta - mean * scale.
 #pragma once
 
@@ -20,6 +20,12 @@ C10_HOST_DEVICE inline BnAffine<acc_t> bn_affine(acc_t gamma, acc_t beta, acc_t 
   const acc_t invstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
   const acc_t scale = gamma * invstd;
   return {invstd, scale, beta - mean * scale};
+}
+
+// ReLU that propagates NaN like torch.relu: NaN < 0 is false.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t relu(acc_t y) {
+  return y < acc_t(0) ? acc_t(0) : y;
 }
 
 }  // namespace psp

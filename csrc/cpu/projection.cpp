@@ -3,25 +3,20 @@
 //
 // The 1x1 convs are GEMMs on tiny operands: the packed pooled [N, C, S] is converted to the
 // accumulation type and viewed as [C, N, S]; bin k's columns become P_k [C, N*s] (s = b*b) and
-// Z_k = W_k [R, C] @ P_k (an own fixed-order GEMM, see gemm_fixed_order). Everything per
+// Z_k = W_k [R, C] @ P_k (an own fixed-order GEMM, gemm.h). Everything per
 // BatchNorm channel -- batch statistics (two-pass mean and biased variance over the N*s values),
 // normalise + ReLU, and the BN + ReLU backward -- is an own loop over the contiguous row Z_k[r, :],
 // one task item per (bin, channel), so each statistic has a fixed summation order independent of
 // the thread count.
 #include "ppm_cpu.h"
 #include "../bn_affine.h"
+#include "gemm.h"
 
 #include <cmath>
 #include <cstring>
 
 namespace psp::cpu {
 namespace {
-
-// ReLU that propagates NaN like torch.relu.
-template <typename acc_t>
-inline acc_t relu(acc_t y) {
-  return y < acc_t(0) ? acc_t(0) : y;
-}
 
 // Per-bin parameters of shape [R] (any floating dtype) stacked into one contiguous [nb, R] tensor
 // of the accumulation dtype.
@@ -57,79 +52,28 @@ at::Tensor bin_columns(const at::Tensor& p_cns, const PackedBins& pb, int64_t k)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fixed-order GEMM: out [I, n] = A [I, K] @ B [K, n], A(i, k) = a[i * si + k * sk], B rows ldb apart.
-// Every out[i][j] is accumulated from 0 over k ascending by one task, so its bits depend neither on
-// the tiling nor on the thread count. (at::mm is not used here: MKL's multi-threaded sgemm returns
-// different bits for 1 and 2 threads at PPM sizes, e.g. [512, 2048] @ [2048, 72].)
-// Register tiles of kTileRows x (2 SIMD vectors) accumulators; edge tiles use scalar loops with the
-// same per-element arithmetic (acc += a * b, no reassociation).
+// Fixed-order GEMM (gemm.h): every out[i][j] is accumulated from 0 over k ascending by one task, so
+// its bits depend neither on the tiling nor on the thread count. (at::mm is not used here: MKL's
+// multi-threaded sgemm returns different bits for 1 and 2 threads at PPM sizes, e.g. [512, 2048] @
+// [2048, 72].)
 // ---------------------------------------------------------------------------------------------
-
-// 16-byte SIMD vector of acc_t (GCC / Clang vector extension: 4 floats or 2 doubles).
-template <typename acc_t>
-struct Simd {
-  typedef acc_t type __attribute__((vector_size(16)));
-  static constexpr int64_t lanes = 16 / static_cast<int64_t>(sizeof(acc_t));
-};
 
 constexpr int64_t kTileRows = 4;
 template <typename acc_t>
 constexpr int64_t kTileCols = 2 * Simd<acc_t>::lanes;
 
-// A full tile, accumulators in registers.
-template <typename acc_t>
-void gemm_tile_full(int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b, int64_t ldb,
-                    acc_t* out, int64_t ldo) {
-  using V = typename Simd<acc_t>::type;
-  constexpr int64_t L = Simd<acc_t>::lanes;
-  V acc[kTileRows][2] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    V b0, b1;
-    std::memcpy(&b0, b + k * ldb, sizeof(V));
-    std::memcpy(&b1, b + k * ldb + L, sizeof(V));
-    for (int64_t i = 0; i < kTileRows; ++i) {
-      const acc_t coef = a[i * si + k * sk];
-      acc[i][0] += coef * b0;
-      acc[i][1] += coef * b1;
-    }
-  }
-  for (int64_t i = 0; i < kTileRows; ++i) {
-    std::memcpy(out + i * ldo, &acc[i][0], sizeof(V));
-    std::memcpy(out + i * ldo + L, &acc[i][1], sizeof(V));
-  }
-}
-
-// A partial tile (rows x cols within the full extents).
-template <typename acc_t>
-void gemm_tile_edge(int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b, int64_t ldb,
-                    acc_t* out, int64_t ldo, int64_t rows, int64_t cols) {
-  acc_t acc[kTileRows][kTileCols<acc_t>] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t* bk = b + k * ldb;
-    for (int64_t i = 0; i < rows; ++i) {
-      const acc_t coef = a[i * si + k * sk];
-      for (int64_t j = 0; j < cols; ++j) acc[i][j] += coef * bk[j];
-    }
-  }
-  for (int64_t i = 0; i < rows; ++i) std::copy(acc[i], acc[i] + cols, out + i * ldo);
-}
-
 // out (contiguous [I, n]) = A @ B; one task item per output tile, row tiles fastest so consecutive
 // items of a task reuse one column block of B from cache.
 template <typename acc_t>
-void gemm_fixed_order(int64_t I, int64_t n, int64_t K, const acc_t* a, int64_t si, int64_t sk,
-                      const acc_t* b, int64_t ldb, acc_t* out) {
+void gemm_parallel(int64_t I, int64_t n, int64_t K, const acc_t* a, int64_t si, int64_t sk,
+                   const acc_t* b, int64_t ldb, acc_t* out) {
   constexpr int64_t TR = kTileRows, TC = kTileCols<acc_t>;
   const int64_t ti = div_up(I, TR);
   at::parallel_for(0, ti * div_up(n, TC), grain_for(K * TR * TC), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = (t % ti) * TR, j0 = (t / ti) * TC;
-      const int64_t rows = std::min(TR, I - i0), cols = std::min(TC, n - j0);
-      if (rows == TR && cols == TC) {
-        gemm_tile_full(K, a + i0 * si, si, sk, b + j0, ldb, out + i0 * n + j0, n);
-      } else {
-        gemm_tile_edge(K, a + i0 * si, si, sk, b + j0, ldb, out + i0 * n + j0, n, rows, cols);
-      }
+      gemm_fixed_order(std::min(TR, I - i0), std::min(TC, n - j0), K, a + i0 * si, si, sk, b + j0, ldb,
+                       out + i0 * n + j0, n);
     }
   });
 }
@@ -142,7 +86,7 @@ at::Tensor fixed_order_mm(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor bc = b.contiguous();
   at::Tensor out = at::empty({a.size(0), b.size(1)}, b.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "psp_gemm", [&] {
-    gemm_fixed_order<scalar_t>(a.size(0), b.size(1), a.size(1), a.const_data_ptr<scalar_t>(), a.stride(0),
+    gemm_parallel<scalar_t>(a.size(0), b.size(1), a.size(1), a.const_data_ptr<scalar_t>(), a.stride(0),
                                a.stride(1), bc.const_data_ptr<scalar_t>(), b.size(1), out.data_ptr<scalar_t>());
   });
   return out;

@@ -236,12 +236,6 @@ __device__ inline T warp_sum(T v) {
   return __shfl_sync(0xffffffffu, v, 0);
 }
 
-// ReLU that propagates NaN like torch.relu (and psp::cpu's relu): NaN < 0 is false.
-template <typename acc_t>
-__device__ inline acc_t relu(acc_t y) {
-  return y < acc_t(0) ? acc_t(0) : y;
-}
-
 }  // namespace psp::cuda
 
 #endif  // __CUDACC__
