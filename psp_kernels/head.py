@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .geometry import DEFAULT_BINS, acc_dtype, cached_table, shifted_interpolation, split_bins
-from .modules import PyramidPooling
+from .modules import PyramidPooling, syncs_statistics
 from .ops.head import head_bn_relu
 
 
@@ -91,7 +91,7 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
 
     Returns:
         ``u`` [N, O, H, K] and ``bw`` [W, K], K = kw * sum(bins), in the accumulation dtype (fp32; fp64
-        for fp64): per bin the per-tap channel mix on the b x b grid (one GEMM, K = R), interpolated along
+        for fp64; also under autocast, which is disabled for these small GEMMs): per bin the per-tap channel mix on the b x b grid (one GEMM, K = R), interpolated along
         H with the shifted (zero-padded) matrices, then along W by ``bw``. ``u`` is differentiable w.r.t.
         branches and the weight; ``bw`` is a cached constant.
     """
@@ -100,11 +100,12 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
     height, width = size
     dt, dev = acc_dtype(branches.dtype), branches.device
     us = []
-    qs = _TapMix.apply(weight_taps.to(dt).reshape(kh * kw * o, len(bins), r), *split_bins(branches.to(dt), bins))
-    for b, q in zip(bins, qs):
-        q = q.reshape(n, b, b, kh, kw, o)                                             # [N, a, b, kh, kw, O]
-        bh = _taps(height, b, kh, padding, dilation, dt, dev)                          # [kh, H, b]
-        us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))                 # [N, O, H, kw*b]
+    with torch.autocast(dev.type, enabled=False):  # bin-resolution GEMMs: kept in dt under mixed precision
+        qs = _TapMix.apply(weight_taps.to(dt).reshape(kh * kw * o, len(bins), r), *split_bins(branches.to(dt), bins))
+        for b, q in zip(bins, qs):
+            q = q.reshape(n, b, b, kh, kw, o)                                         # [N, a, b, kh, kw, O]
+            bh = _taps(height, b, kh, padding, dilation, dt, dev)                      # [kh, H, b]
+            us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))             # [N, O, H, kw*b]
     return torch.cat(us, dim=3), _bw_matrix(width, bins, kw, padding, dilation, dt, dev)
 
 
@@ -132,7 +133,8 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
         conv: semseg's ``cls.0``: a :class:`HeadConv` (no weight copies), or an ``nn.Conv2d(C + nb*R, O, 3x3,
             stride 1, padding = dilation, no bias, groups 1)`` whose weight slices are copied per call.
         bn: semseg's ``cls.1``: BatchNorm2d(O) with affine parameters and running statistics; train mode
-            uses and updates batch statistics exactly as ``nn.BatchNorm2d``.
+            uses and updates batch statistics exactly as ``nn.BatchNorm2d``. A SyncBatchNorm in training
+            runs as the module on ``y + u @ bw^T`` (statistics over all processes), then ReLU.
 
     Returns:
         [N, O, H, W] in x's dtype and memory format.
@@ -161,6 +163,8 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
     y = F.conv2d(x, w_x, padding=conv.padding, dilation=conv.dilation)
     u, bw = branch_factors(ppm.branches(x), w_taps, ppm.bins, tuple(x.shape[2:]), conv.padding[0],
                            conv.dilation[0])
+    if syncs_statistics(bn):
+        return F.relu(bn(y + torch.matmul(u, bw.t()).to(y.dtype)))
     return head_bn_relu(y, u, bw, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=bn.training,
                         momentum=bn.momentum, eps=bn.eps, num_batches_tracked=bn.num_batches_tracked)
 

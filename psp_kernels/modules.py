@@ -7,9 +7,16 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .geometry import DEFAULT_BINS, check_bins
-from .ops import multibin_avg_pool, project_bn_relu, pyramid_pooling
+from .geometry import DEFAULT_BINS, check_bins, split_bins
+from .ops import multibin_avg_pool, project_bn_relu, pyramid_pooling, upsample_concat
 from .reference import SemsegPPM
+
+
+def syncs_statistics(bn: nn.Module) -> bool:
+    """True for a ``SyncBatchNorm`` in training: its batch statistics span every process of the group,
+    which the fused ops (statistics of this process's batch) do not compute, so the module itself must run
+    (the fused modules then fall back to it for that BatchNorm only)."""
+    return isinstance(bn, nn.SyncBatchNorm) and bn.training
 
 
 class PyramidPooling(SemsegPPM):
@@ -26,6 +33,9 @@ class PyramidPooling(SemsegPPM):
     x's dtype and memory format, channels ordered x, bin 1, 2, 3, 6. The submodules are semseg's
     (``features.{i}`` = pool, conv, BN, ReLU), so ``features.{i}.1.weight`` / ``features.{i}.2.*`` load
     from a semseg checkpoint unchanged; BatchNorm behaves as ``nn.BatchNorm2d`` in train and eval mode.
+    After ``nn.SyncBatchNorm.convert_sync_batchnorm`` the training forward pools with the fused op and runs
+    each branch's conv, SyncBatchNorm and ReLU as modules on the pooled grid (statistics over all
+    processes), then upsamples with the fused op.
 
     Raises:
         ValueError: bad ``bins`` or channel counts; in training, a bin with one value per channel.
@@ -68,6 +78,8 @@ class PyramidPooling(SemsegPPM):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
+        if any(syncs_statistics(f[2]) for f in self.features):
+            return upsample_concat(x, self.branches(x), self.bins)
         lists, kwargs = self._branch_params()
         return pyramid_pooling(x, *lists, **kwargs)
 
@@ -80,6 +92,9 @@ class PyramidPooling(SemsegPPM):
         """
         if not self.fused:
             return torch.cat([f(x).flatten(2) for f in self.features], dim=2)
+        if any(syncs_statistics(f[2]) for f in self.features):
+            grids = split_bins(multibin_avg_pool(x, self.bins), self.bins)
+            return torch.cat([f[3](f[2](f[1](p))).flatten(2) for f, p in zip(self.features, grids)], dim=2).to(x.dtype)
         lists, kwargs = self._branch_params()
         return project_bn_relu(multibin_avg_pool(x, self.bins), *lists, **kwargs)
 

@@ -25,12 +25,13 @@ import inspect
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "apply_overrides", "parse_value", "config_help"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "checkpoint_config", "apply_overrides", "parse_value", "config_help"]
 
 VALID_LAYERS = (18, 34, 50, 101, 152)
 VALID_ZOOM = (1, 2, 4, 8)
@@ -103,7 +104,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- optimisation
     batch_size: int = 8
-    """Training images per iteration (>= 2: BatchNorm on the 1x1 bin needs more than one value)."""
+    """Training images per iteration over all processes (semseg's global ``batch_size``; under torchrun each
+    of the K processes takes batch_size / K). >= 2: BatchNorm on the 1x1 bin needs more than one value."""
     batch_size_val: int = 1
     """Images per batch during validation (inference runs one image at a time; kept for semseg parity)."""
     epochs: int = 14
@@ -129,6 +131,15 @@ class TrainConfig:
     """Random seed for python, numpy, torch and the data order; None = draw one (recorded in the checkpoint)."""
     threads: Optional[int] = None
     """torch.set_num_threads value; None = PyTorch's default."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``; under torchrun each process uses
+    ``cuda:LOCAL_RANK``."""
+    amp: str = "none"
+    """Mixed precision: ``none`` (fp32), ``bf16`` or ``fp16`` autocast (fp16 with a GradScaler); parameters,
+    optimizer state and BatchNorm statistics stay fp32."""
+    sync_bn: bool = True
+    """Under torchrun on CUDA, convert every BatchNorm to SyncBatchNorm (batch statistics over the global
+    batch, as semseg); CPU runs keep per-process BatchNorm."""
     save_path: str = "runs/camvid"
     """Output folder for checkpoints, log.jsonl and validation results."""
     save_freq: int = 1
@@ -201,6 +212,8 @@ class TrainConfig:
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.workers >= 0, "workers", "must be >= 0")
+        need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        need(self.amp in ("none", "bf16", "fp16"), "amp", "must be none, bf16 or fp16")
         need(self.keep_last >= 0, "keep_last", "must be >= 0 (0 = keep all)")
         need(self.eval_freq >= 0, "eval_freq", "must be >= 0 (0 = only at the end)")
         need(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",
@@ -434,6 +447,28 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
                     raise ConfigError(f"{source}: config key '{key}' given twice")
                 data[key] = value
     cfg = TrainConfig.from_dict(data, source)
+    return apply_overrides(cfg, overrides)
+
+
+def checkpoint_config(state: dict[str, Any], checkpoint: str | os.PathLike, path: Optional[str | os.PathLike] = None,
+                      overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config to run a checkpoint with: the YAML file ``path`` if given, else the config stored in the
+    checkpoint (keys this version lacks are dropped with a warning), then ``overrides``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConfigError: no ``path`` and the checkpoint stores no config (semseg's do not), or a bad key/value.
+    """
+    if path is not None:
+        return load_config(path, overrides)
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config is required: {checkpoint} holds no stored config")
+    known = set(_field_names())
+    dropped = sorted(set(saved) - known)
+    if dropped:
+        warnings.warn(f"{checkpoint}: ignoring stored config keys unknown to this version: {dropped}", stacklevel=2)
+    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}, f"{checkpoint} (stored config)")
     return apply_overrides(cfg, overrides)
 
 

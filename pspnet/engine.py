@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .config import ConfigError, TrainConfig
+from .distributed import DistContext
 from .inference import predict
 from .metrics import SegmentationMetrics
 
-__all__ = ["set_seed", "get_rng_state", "set_rng_state", "build_model", "param_groups", "build_optimizer",
+__all__ = ["set_seed", "get_rng_state", "set_rng_state", "build_model", "load_for_inference", "param_groups", "build_optimizer",
            "poly_lr", "set_poly_lr", "EpochSampler", "limit_dataset", "base_dataset", "build_train_set",
            "build_eval_set", "build_train_loader", "evaluate_dataset", "write_report", "JsonlLog"]
 
@@ -37,14 +38,18 @@ def set_seed(seed: int) -> None:
 
 
 def get_rng_state() -> dict[str, Any]:
-    """Current python / numpy / torch RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
+    """Current python / numpy / torch (CPU, and the current CUDA device's when CUDA is in use) RNG states,
+    in a form ``torch.load(weights_only=True)`` accepts."""
     name, key, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -60,6 +65,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((npst["name"], npst["key"].numpy().astype(np.uint32), npst["pos"],
                              npst["has_gauss"], npst["cached_gaussian"]))
         torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise ValueError(f"malformed RNG state in checkpoint: {type(e).__name__}: {e}") from e
 
@@ -73,6 +80,22 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     model = PSPNet(layers=cfg.layers, classes=cfg.classes, bins=tuple(cfg.bins), dropout=cfg.dropout,
                    zoom_factor=cfg.zoom_factor, aux_weight=cfg.aux_weight, fused=cfg.fused, deep_stem=cfg.deep_stem)
     return model.to(memory_format=memory_format(cfg))
+
+
+def load_for_inference(cfg: TrainConfig, state: dict[str, Any]) -> nn.Module:
+    """:func:`build_model` with a checkpoint's weights (ours, semseg's with ``module.``, or a bare
+    state_dict), moved to the config's ``device``, in eval mode.
+
+    Raises:
+        ValueError: ``device`` cuda without a CUDA device.
+        RuntimeError: the checkpoint does not fit the model (lists the mismatched keys).
+    """
+    from pspnet.distributed import resolve_device
+    from pspnet.models import load_state_dict
+    device = resolve_device(cfg.device)
+    model = build_model(cfg)
+    load_state_dict(model, state)
+    return model.to(device).eval()
 
 
 def memory_format(cfg: TrainConfig) -> torch.memory_format:
@@ -134,38 +157,55 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, curr_iter: i
 # ---------------------------------------------------------------------------- data
 
 class EpochSampler(Sampler[int]):
-    """Shuffled indices that depend only on ``(seed, epoch)``, optionally skipping the first
-    ``skip`` samples: an epoch interrupted after k batches of size b resumes exactly with
-    ``set_epoch(epoch, skip=k * b)`` (with ``drop_last=True`` batches are consecutive chunks).
+    """Shuffled indices that depend only on ``(seed, epoch)``, cut into global batches of ``batch_size``
+    (the tail that fills no batch is dropped, ``drop_last``), of which this process takes its share.
+
+    Global batch i is ``permutation[i * B:(i + 1) * B]`` whatever the number of processes; process r of K
+    yields elements ``r * B/K`` to ``(r + 1) * B/K - 1`` of every batch (the role of
+    ``DistributedSampler``), so K processes see together exactly the batches one process would. An epoch
+    interrupted after k batches resumes exactly with ``set_epoch(epoch, skip=k * B)``.
 
     Args:
         num_samples: dataset length.
-        seed: base seed.
+        seed: base seed (the same on every process).
+        batch_size: global batch B (default 1: every index, one at a time).
+        rank, world_size: this process and the number of processes; ``world_size`` must divide B.
+    Raises:
+        ValueError: ``world_size`` does not divide ``batch_size``, or ``rank`` is outside [0, world_size).
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or world_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.num_samples = int(num_samples)
         self.seed = int(seed)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the permutation of ``epoch`` and drop its first ``skip`` indices."""
-        if not 0 <= skip <= self.num_samples:
-            raise ValueError(f"skip must be in [0, {self.num_samples}], got {skip}")
+        """Select the permutation of ``epoch`` and drop its first ``skip`` indices (a multiple of the
+        global batch)."""
+        if not 0 <= skip <= self.num_samples or skip % self.batch_size:
+            raise ValueError(f"skip must be a multiple of {self.batch_size} in [0, {self.num_samples}], got {skip}")
         self.epoch, self.skip = int(epoch), int(skip)
 
     def permutation(self, epoch: int) -> list[int]:
-        """The full index order of ``epoch``."""
+        """The full index order of ``epoch`` (the same on every process)."""
         mixed = np.random.SeedSequence([self.seed % 2**63, epoch]).generate_state(2, np.uint64)
         g = torch.Generator().manual_seed(int(mixed[0] % 2**63))
         return torch.randperm(self.num_samples, generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation(self.epoch)[self.skip:])
+        order, share = self.permutation(self.epoch), self.batch_size // self.world_size
+        for start in range(self.skip, self.num_samples - self.batch_size + 1, self.batch_size):
+            yield from order[start + self.rank * share:start + (self.rank + 1) * share]
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        batches = (self.num_samples - self.skip) // self.batch_size
+        return batches * (self.batch_size // self.world_size)
 
 
 def limit_dataset(dataset: Dataset, limit: Optional[int]) -> Dataset:
@@ -219,8 +259,10 @@ def build_eval_set(cfg: TrainConfig, split: str = "val", limit: Optional[int] = 
 
 def build_train_loader(dataset: Dataset, cfg: TrainConfig, sampler: EpochSampler) -> DataLoader:
     """DataLoader with semseg's settings (``drop_last=True``, ``worker_init_fn=seed_worker``, seeded
-    generator) and our resumable shuffling sampler. With workers and ``cache_data`` the cache is filled
-    first so that forked workers share it; workers persist across epochs."""
+    generator) and our resumable shuffling sampler, whose share of each global batch (``batch_size /
+    world_size`` images) is one loader batch; the generator's seed is offset by the rank so that processes
+    draw different augmentations. With workers and ``cache_data`` the cache is filled first so that forked
+    workers share it; workers persist across epochs."""
     from pspnet.data import seed_worker
     if cfg.workers > 0 and cfg.cache_data:
         base, indices = base_dataset(dataset)
@@ -229,8 +271,8 @@ def build_train_loader(dataset: Dataset, cfg: TrainConfig, sampler: EpochSampler
         else:
             for i in range(len(dataset)):
                 dataset[i]  # fills the cache of the underlying items
-    generator = torch.Generator().manual_seed(int(sampler.seed))
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+    generator = torch.Generator().manual_seed(int(sampler.seed) + sampler.rank)
+    return DataLoader(dataset, batch_size=sampler.batch_size // sampler.world_size, sampler=sampler, drop_last=True,
                       num_workers=cfg.workers, worker_init_fn=seed_worker, generator=generator,
                       persistent_workers=cfg.workers > 0)
 
@@ -241,9 +283,12 @@ ImageCallback = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
 
 def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scales: Sequence[float] = (1.0,),
                      flip: bool = False, on_image: Optional[ImageCallback] = None,
-                     desc: str = "eval", progress: bool = True) -> SegmentationMetrics:
+                     desc: str = "eval", progress: bool = True,
+                     ctx: Optional[DistContext] = None) -> SegmentationMetrics:
     """Predict every image of ``dataset`` (semseg ``tool/test.py`` inference, see
-    :mod:`pspnet.inference`) and accumulate the metrics.
+    :mod:`pspnet.inference`) and accumulate the metrics. With a distributed ``ctx``, process r predicts
+    images r, r + K, ... and the metric areas are summed over the K processes, so every process returns
+    the metrics of the whole dataset (the same numbers as one process).
 
     Args:
         model: the network (put in eval mode for the duration).
@@ -253,6 +298,7 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scale
         on_image: called as ``on_image(name, image, label, pred int64 [H, W])`` per image.
         desc: progress-bar label.
         progress: show a tqdm bar.
+        ctx: the process group (None: one process).
     Returns:
         the filled :class:`SegmentationMetrics`.
     """
@@ -260,14 +306,17 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scale
     base, indices = base_dataset(dataset)
     names = getattr(base, "names", None)
     metrics = SegmentationMetrics(cfg.classes, cfg.ignore_label)
-    for j in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
-                  leave=False):
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    for j in tqdm(range(rank, len(dataset), world), desc=desc, unit="img", disable=not progress,
+                  dynamic_ncols=True, leave=False):
         image, label = dataset[j]
         pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), scales, flip,
                        IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)
         metrics.update(pred, np.asarray(label))
         if on_image is not None:
             on_image(names[indices[j]] if names is not None else f"{indices[j]:06d}", image, label, pred)
+    if ctx is not None and ctx.distributed:
+        metrics.reduce(ctx.all_reduce_sum)
     return metrics
 
 

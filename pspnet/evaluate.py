@@ -1,7 +1,8 @@
 """``python -m pspnet.evaluate --checkpoint PATH [--config YAML] [--split val] [--scales 0.5,0.75,1.0,1.25,1.5,1.75]
 [--flip] [--save-dir DIR] [--no-images] [--key value ...]``
 
-Evaluates a checkpoint (ours, or semseg's ``{'state_dict': {'module.…'}}``) on a CamVid split with
+Evaluates a checkpoint (ours, or semseg's ``{'state_dict': {'module.…'}}``) on a split of the config's
+``dataset`` (CamVid, ADE20K, VOC 2012, Cityscapes or an image/label folder) with
 semseg's test procedure (``tool/test.py``: resize to base_size x scale, sliding window, optional flip,
 averaged over scales; see :mod:`pspnet.inference`) and semseg's metrics (:mod:`pspnet.metrics`).
 Prints mIoU/mAcc/allAcc and the per-class table; writes ``metrics.json`` and ``metrics.md`` to the
@@ -13,18 +14,16 @@ Without ``--config`` the config stored in the checkpoint is used; overrides appl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import ConfigError, TrainConfig, apply_overrides, config_help, load_config
-from .engine import base_dataset, build_eval_set, build_model, evaluate_dataset, write_report
+from .config import ConfigError, checkpoint_config, config_help
+from .engine import base_dataset, build_eval_set, evaluate_dataset, load_for_inference, write_report
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "main"]
@@ -46,19 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_checkpoint(saved: dict, source: str) -> TrainConfig:
-    """TrainConfig from a checkpoint's stored dict, dropping (with a warning) keys this version lacks."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    dropped = sorted(set(saved) - known)
-    if dropped:
-        warnings.warn(f"{source}: ignoring stored config keys unknown to this version: {dropped}", stacklevel=2)
-    return TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}, source)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, evaluate, return the exit code (0 = success; 2 = bad arguments)."""
-    from pspnet.models import load_state_dict
-
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -66,25 +54,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as e:
         parser.error(f"--checkpoint: {e}")
     try:
-        if args.config is not None:
-            cfg = load_config(args.config, overrides)
-        elif isinstance(state.get("config"), dict):
-            cfg = apply_overrides(_config_from_checkpoint(state["config"], f"{args.checkpoint} (stored config)"),
-                                  overrides)
-        else:
-            parser.error(f"--config is required: {args.checkpoint} holds no stored config")
+        cfg = checkpoint_config(state, args.checkpoint, args.config, overrides)
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-
     try:
         dataset = build_eval_set(cfg, args.split, cfg.max_val_samples)
     except (FileNotFoundError, ConfigError) as e:
         parser.error(f"--split {args.split}: {e}")
-    model = build_model(cfg)
-    load_state_dict(model, state)
-    model.eval()
+    try:
+        model = load_for_inference(cfg, state)
+    except ValueError as e:
+        parser.error(str(e))
     base, _ = base_dataset(dataset)
     save_dir = Path(args.save_dir) if args.save_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
     save_dir.mkdir(parents=True, exist_ok=True)

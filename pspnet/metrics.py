@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -111,6 +111,20 @@ class SegmentationMetrics:
         self.target += t
         self.count += 1
         return i, u, t
+
+    def reduce(self, sum_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the totals (areas and image count) by ``sum_fn`` of them, e.g. their sum over the
+        processes of a distributed evaluation (``DistContext.all_reduce_sum``), as semseg all-reduces its
+        ``intersectionAndUnionGPU`` areas.
+
+        Args:
+            sum_fn: takes an int64 CPU tensor [3K + 1] and returns the reduced tensor of the same shape.
+        """
+        k = self.num_classes
+        packed = torch.from_numpy(np.concatenate([self.intersection, self.union, self.target, [self.count]]))
+        total = sum_fn(packed).numpy()
+        self.intersection, self.union, self.target = (total[i * k:(i + 1) * k].copy() for i in range(3))
+        self.count = int(total[3 * k])
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything accumulated so far.

@@ -1,9 +1,13 @@
-"""``python -m pspnet.train --config configs/camvid.yaml [--key value ...] [--no-fused] [--resume PATH|auto]``
+"""``python -m pspnet.train --config configs/camvid.yaml [--key value ...] [--no-fused] [--amp bf16|fp16] [--resume PATH|auto]``
 
 Trains PSPNet with semseg's recipe (``tool/train.py``; see :mod:`pspnet.trainer`). Every config key
 can be overridden as ``--key value`` (``python -m pspnet.train --help`` lists them). Writes
 ``save_path/log.jsonl``, ``epoch_NNNN.pth`` checkpoints (last ``keep_last`` kept), ``final.pth`` and
 ``final_metrics.{json,md}``; prints the final checkpoint's path.
+
+Multi-GPU (one process per GPU; ``batch_size`` stays the global batch):
+``torchrun --nproc_per_node=8 -m pspnet.train --config configs/ade20k_pspnet50.yaml``; multi-node adds
+torchrun's ``--nnodes``, ``--node_rank`` and ``--rdzv_endpoint`` (or ``--master_addr/--master_port``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Optional, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, config_help, load_config
+from .distributed import cleanup
 from .trainer import Trainer
 
 __all__ = ["build_parser", "main"]
@@ -43,16 +48,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     try:
-        trainer = Trainer(cfg, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad save_path / data_root / resume
-        parser.error(str(e))
-    try:
-        trainer.run()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at iteration {trainer.iteration}; checkpoints in {trainer.save_dir} are intact, "
-              f"continue with --resume auto", file=sys.stderr)
-        return 130
-    return 0
+        try:
+            trainer = Trainer(cfg, progress=not args.no_progress)
+        except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as e:  # save_path, data, resume, device
+            parser.error(str(e))
+        try:
+            trainer.run()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted at iteration {trainer.iteration}; checkpoints in {trainer.save_dir} are intact, "
+                  f"continue with --resume auto", file=sys.stderr)
+            return 130
+        return 0
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":

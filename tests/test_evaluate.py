@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pspnet.config import load_config
 from pspnet.data import IMAGENET_MEAN, IMAGENET_STD
 from pspnet.evaluate import main as evaluate_main
+from pspnet.predict import main as predict_main
 from pspnet.inference import predict, predict_probs, scaled_size, window_starts
 from pspnet.models import PSPNet
 from pspnet.visualize import colorize, overlay
@@ -219,3 +220,53 @@ def test_evaluate_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--checkpoint", str(path), "--config", str(CONFIG), "--scalez", "1"])
     assert e.value.code == 2 and "scalez" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- pspnet.predict
+
+def test_predict_writes_colour_overlay_and_label_pngs(tmp_path, capsys):
+    """``python -m pspnet.predict`` on a file and a folder: one colour map, overlay and id map per image, equal
+    to ``inference.predict`` of the loaded model, in the checkpoint's stored colours."""
+    cfg = load_config(CONFIG, ["--base_size", "64", "--test_h", "48", "--test_w", "64", "--device", "cpu"])
+    torch.manual_seed(0)
+    model = PSPNet(layers=18, classes=11).eval()
+    palette = np.random.default_rng(1).integers(0, 256, (11, 3))
+    path = tmp_path / "final.pth"
+    torch.save({"state_dict": model.state_dict(), "config": cfg.to_dict(), "palette": palette.tolist()}, path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = {"a": random_image(50, 70, seed=2), "b": random_image(37, 29, seed=3)}
+    cv2.imwrite(str(folder / "a.png"), cv2.cvtColor(images["a"], cv2.COLOR_RGB2BGR))
+    (folder / "notes.txt").write_text("not an image")
+    single = tmp_path / "b.jpg"
+    cv2.imwrite(str(single), cv2.cvtColor(images["b"], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 100])
+    out = tmp_path / "out"
+    assert predict_main([str(folder), str(single), "--checkpoint", str(path), "--out-dir", str(out),
+                         "--no-progress"]) == 0
+    assert "wrote 2 predictions" in capsys.readouterr().out
+    for stem in ("a", "b"):
+        image = cv2.cvtColor(cv2.imread(str(folder / "a.png") if stem == "a" else str(single)), cv2.COLOR_BGR2RGB)
+        expected = predict(model, image, 11, 64, (48, 64))
+        ids = cv2.imread(str(out / "label" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(ids, expected)
+        colour = cv2.cvtColor(cv2.imread(str(out / "pred" / f"{stem}.png")), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(colour, palette[expected])
+        assert cv2.imread(str(out / "overlay" / f"{stem}.png")).shape == image.shape
+    assert sorted(p.name for p in out.iterdir()) == ["label", "overlay", "pred"]
+
+
+def test_predict_bad_inputs_name_the_file(tmp_path, capsys):
+    cfg = load_config(CONFIG, ["--device", "cpu"])
+    path = tmp_path / "final.pth"
+    torch.save({"state_dict": PSPNet(layers=18, classes=11).state_dict(), "config": cfg.to_dict()}, path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "broken.jpg").write_bytes(b"")
+    cases = [([str(tmp_path / "nope.png")], "input not found"), ([str(broken)], "cannot decode image"),
+             ([str(broken), str(tmp_path / "x")], "same stem 'broken'"), ([str(tmp_path)], "cannot decode image")]
+    for inputs, message in cases:
+        with pytest.raises(SystemExit) as e:
+            predict_main([*inputs, "--checkpoint", str(path), "--out-dir", str(tmp_path / "out"), "--no-progress"])
+        assert e.value.code == 2 and message in capsys.readouterr().err, inputs
+    assert not (tmp_path / "out" / "label").exists()

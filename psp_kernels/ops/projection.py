@@ -53,9 +53,16 @@ def stack_param_grads(grad_w, grad_gamma, grad_beta, dtype):
     return stack(grad_w), stack(grad_gamma), stack(grad_beta)
 
 
+def _as_param_grad(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` shaped, typed and strided as ``param`` (a channels_last 1x1 weight has other strides than
+    its contiguous gradient, and DDP's gradient buckets require the parameter's exact strides)."""
+    grad = grad.reshape(param.shape).to(param.dtype)
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 def unstack_param_grads(grad_w, grad_gamma, grad_beta, weights, gammas, betas):
-    """Inverse of :func:`stack_param_grads`: per-bin gradients shaped and typed as the parameters."""
-    unstack = lambda grads, params: [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params)]  # noqa: E731
+    """Inverse of :func:`stack_param_grads`: per-bin gradients shaped, typed and strided as the parameters."""
+    unstack = lambda grads, params: [_as_param_grad(g, p) for g, p in zip(grads, params)]  # noqa: E731
     return unstack(grad_w, weights), unstack(grad_gamma, gammas), unstack(grad_beta, betas)
 
 
