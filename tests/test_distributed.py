@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = (REPO.parent / "shared" / "data" / "camvid").resolve()
 CONFIG = REPO / "configs" / "camvid.yaml"
 needs_data = pytest.mark.skipif(not (DATA_ROOT / "classes.json").is_file(), reason="CamVid not available")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def _tiny(save_path, *extra, threads=1):
@@ -178,20 +179,21 @@ def test_fused_model_with_sync_batchnorm_matches_plain_batchnorm():
         torch.testing.assert_close(b, plain.state_dict()[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
-def test_fused_model_trains_under_autocast_like_the_unfused_one(amp):
+def test_fused_model_trains_under_autocast_like_the_unfused_one(amp, device):
     """Under autocast the fused model's loss and head-conv gradient are as close to the fp32 ones as the
     unfused model's (normwise, within 2x), and its parameter gradients stay fp32."""
     torch.manual_seed(0)
-    fused = PSPNet(layers=18, classes=5, fused=True).train()
-    plain = PSPNet(layers=18, classes=5, fused=False).train()
+    fused = PSPNet(layers=18, classes=5, fused=True).train().to(device)
+    plain = PSPNet(layers=18, classes=5, fused=False).train().to(device)
     plain.load_state_dict(fused.state_dict())
-    x, y = torch.randn(2, 3, 65, 65), torch.randint(0, 5, (2, 65, 65))
+    x, y = torch.randn(2, 3, 65, 65, device=device), torch.randint(0, 5, (2, 65, 65), device=device)
 
     def run(model, dtype):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             _, main, aux = model(x, y)
             loss = main + 0.4 * aux
         loss.backward()
@@ -208,12 +210,13 @@ def test_fused_model_trains_under_autocast_like_the_unfused_one(amp):
 
 
 @needs_data
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_train_command_with_amp(tmp_path, amp):
+def test_train_command_with_amp(tmp_path, amp, device):
     from pspnet.train import main as train_main
     run = tmp_path / "run"
-    assert train_main(["--config", str(CONFIG), *_tiny(run, "--max_iters", "2", "--amp", amp, "--batch_size", "2"),
-                       "--no-progress"]) == 0
+    assert train_main(["--config", str(CONFIG), *_tiny(run, "--max_iters", "2", "--amp", amp, "--batch_size", "2",
+                                                       "--device", device), "--no-progress"]) == 0
     state = load_checkpoint(run / "final.pth")
     assert state["config"]["amp"] == amp and (state["scaler"] is not None) == (amp == "fp16")
     assert all(np.isfinite(r["loss"]) for r in _rows(run, "train"))
@@ -256,3 +259,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for k, v in a["state_dict"].items():
         assert torch.equal(b["state_dict"][k], v), k
     assert b["metrics"] == a["metrics"]
+
+
+@needs_data
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
+    from pspnet.trainer import Trainer
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(str(CONFIG), _tiny(run, "--epochs", "3")), progress=False)
+    forward, calls = trainer.net.forward, []
+
+    def poisoned(*args, **kwargs):  # the 4th step's loss is NaN
+        calls.append(1)
+        pred, main, aux = forward(*args, **kwargs)
+        return (pred, main * float("nan"), aux) if len(calls) == 4 else (pred, main, aux)
+
+    trainer.net.forward = poisoned
+    with pytest.raises(FloatingPointError, match="loss is nan at iteration 4"):
+        trainer.run()
+    saved = run / "epoch_0001.pth"
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pth") == ["epoch_0001.pth"]
+    assert load_checkpoint(saved)["iteration"] == 2 and trainer.iteration == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # no step was taken on the NaN
