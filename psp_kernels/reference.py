@@ -306,3 +306,41 @@ class SemsegPPM(nn.Module):
         for f in self.features:
             out.append(F.interpolate(f(x), size, mode="bilinear", align_corners=True))
         return torch.cat(out, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone convolution with BatchNorm folded in (inference): ``act(conv2d(x, w, b) + residual)``.
+# ``w`` and ``b`` are the conv weight and BatchNorm scale / shift folded together
+# (``psp_kernels.conv.fold_bn``); the residual is the bottleneck's shortcut. The backward is ATen's
+# convolution backward for every backend.
+# --------------------------------------------------------------------------------------------------
+
+def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                  stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
+    """``relu?(conv2d(x, weight, bias, stride, padding, dilation) + residual?)``.
+
+    ``x`` [N, C, H, W] (NCHW or channels_last), ``weight`` [O, C, kh, kw], ``bias`` [O] or None, ``residual``
+    [N, O, Ho, Wo] or None. Computed in the accumulation dtype (fp32; fp64 for fp64) and rounded once to x's
+    dtype, in x's memory format. On CPU this is the production path: oneDNN's convolution, then the residual
+    add and ReLU in place.
+    """
+    acc = acc_dtype(x.dtype)
+    y = F.conv2d(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc), stride, padding, dilation)
+    if residual is not None:
+        y.add_(residual)
+    if relu:
+        y.relu_()
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(is_channels_last(x)))
+
+
+def conv_bias_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                           stride: int, padding: int, dilation: int, relu: bool, mask: Sequence[bool]):
+    """Gradient of :func:`conv_bias_act`; returns ``(grad_x, grad_weight, grad_bias, grad_residual)``, each
+    None where ``mask`` (x, weight, bias, residual) says it is not needed. The ReLU mask is ``out > 0``;
+    ``grad_residual`` is the gradient of the conv's output (in grad_out's dtype), the conv gradients come
+    from ATen's ``convolution_backward``."""
+    grad_z = torch.where(out > 0, grad_out, 0) if relu else grad_out
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_z.to(x.dtype), x, weight.to(x.dtype), [weight.shape[0]] if mask[2] else None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0],
+        1, [bool(mask[0]), bool(mask[1]), bool(mask[2])])
+    return gx, gw, gb, ((grad_z if relu else grad_z.clone()) if mask[3] else None)

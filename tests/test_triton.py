@@ -34,6 +34,7 @@ from psp_kernels.triton.common import SIG_DTYPE  # noqa: E402
 from psp_kernels.triton import projection as tproj  # noqa: E402
 from psp_kernels.triton import upsample as tup  # noqa: E402
 from psp_kernels.triton import head as thead  # noqa: E402
+from psp_kernels.triton import conv as tconv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -378,6 +379,7 @@ _MODULE_KERNELS = {
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
     thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
             "_sum_rows_kernel", "_head_bwd_kernel"),
+    tconv: ("_conv_fwd_kernel",),
 }
 
 
@@ -409,8 +411,9 @@ def _launch_matches(cfg, args, kw):
     """A registered config with exactly the launch's constexprs, num_warps and pointer dtypes."""
     sig = list(cfg.signature.values())
     ptr_ok = all(sig[i] == "*" + SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "DOT_UPCAST")}
-    return ptr_ok and cfg.num_warps == kw["num_warps"] and all(cfg.constexprs.get(k) == v for k, v in consts.items())
+    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "DOT_UPCAST")}
+    return (ptr_ok and cfg.num_warps == kw["num_warps"] and cfg.num_stages == kw.get("num_stages", cfg.num_stages)
+            and all(cfg.constexprs.get(k) == v for k, v in consts.items()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=_id)
@@ -450,6 +453,15 @@ def test_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
         _, z, _, _ = tri.head_forward(y, u, bw, o_vec, o_vec, o_vec, o_vec, training, 1e-5, True)
         tri.head_backward(torch.empty(n, r, hw, hw, **meta), z, bw, o_vec, o_vec, o_vec, o_vec, training, 1e-5)
     tri.head_forward(y, u, bw, o_vec, o_vec, o_vec, o_vec, False, 1e-5, False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for c_in, o, k, stride, dil, has_res, relu in ((3, 64, 3, 2, 1, False, True), (128, 64, 1, 1, 1, False, True),
+                                                   (512, 256, 1, 1, 1, False, True), (256, 256, 3, 1, 2, False, True),
+                                                   (512, 512, 3, 1, 4, False, True), (512, 2048, 1, 1, 1, True, True),
+                                                   (1024, 2048, 1, 1, 1, False, False), (3, 64, 7, 2, 1, False, True)):
+        xc = torch.empty(n, c_in, hw, hw, **meta).contiguous(memory_format=fmt)  # the backbone's conv shapes
+        res = torch.empty(n, o, hw, hw, **meta) if has_res else None
+        tri.conv_bias_act(xc, torch.empty(o, c_in, k, k, **meta).contiguous(memory_format=fmt),
+                          torch.empty(o, **acc), res, 1 if has_res else stride, dil * (k // 2), dil, relu)
 
     nested = {"_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"}     # 60, 90: nested; 61: general path
     expected = {k for v in _MODULE_KERNELS.values() for k in v} - (nested if hw % 6 else {"_pool_fwd_kernel",

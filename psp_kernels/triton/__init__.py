@@ -16,6 +16,8 @@ pool_backward_add   pool_backward plus the pass-through gradient, one pass      
 head_forward        program per ((n, h) row, O block): branch term + add + BN +    1 / 3
                     ReLU (eval / training: stats, ordered merge, normalise)
 head_backward       per-row BN sums, ordered sum, grad_y + grad_u per row             3
+conv_bias_act       implicit GEMM per (pixel block, out-channel block) with bias +    1
+                    residual + ReLU epilogue (backbone convs, BN folded; conv.py)
 ==================  ==============================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
@@ -35,8 +37,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import head, pooling, projection, upsample
+from . import conv, head, pooling, projection, upsample
 from .common import CompileConfig
+from .conv import conv_bias_act
 from .head import head_backward, head_forward
 from .pooling import pool_backward, pool_backward_add, pool_concat_forward, pool_forward
 from .projection import project_backward, project_forward
@@ -44,7 +47,7 @@ from .upsample import upsample_backward, upsample_forward, upsample_into
 
 __all__ = ["pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
            "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "head_forward",
-           "head_backward", "KERNELS",
+           "head_backward", "conv_bias_act", "KERNELS",
            "KernelEntry", "CompileConfig"]
 
 
@@ -58,7 +61,7 @@ class KernelEntry(NamedTuple):
 
 def _registry(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
     by_kernel: dict = {}
-    for module in (pooling, projection, upsample, head):
+    for module in (pooling, projection, upsample, head, conv):
         for fn, cfg in module.compile_configs(dtypes):
             by_kernel.setdefault(fn, []).append(cfg)
     return tuple(KernelEntry(fn.__name__, fn, tuple(cfgs)) for fn, cfgs in by_kernel.items())

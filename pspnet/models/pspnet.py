@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psp_kernels import PyramidPooling
+from psp_kernels.conv import conv_bn_act_sequential
 from psp_kernels.head import HeadConv, concat_free_head
 from psp_kernels.geometry import DEFAULT_BINS, check_bins
 
@@ -77,7 +78,9 @@ class PSPNet(nn.Module):
             semseg: 0.4). Not used inside the model. Must be >= 0.
         fused: the fused PPM kernels (:class:`psp_kernels.PyramidPooling`) and the concat-free head
             (:func:`psp_kernels.head.concat_free_head`: ``cls.0``-``cls.2`` without the 2C-channel concat);
-            ``False`` runs semseg's module math for both. Same parameters and results either way.
+            and, in eval mode, the backbone's conv + BN (+ residual) + ReLU as one op each with BN folded into
+            the conv (:mod:`psp_kernels.conv`); ``False`` runs semseg's module math for all of them. Same
+            parameters and results either way.
         criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
             ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
         deep_stem: semseg's 3x3 deep stem (default); ``False``: torchvision's 7x7 stem (``layer0`` =
@@ -141,7 +144,7 @@ class PSPNet(nn.Module):
 
         # --- backbone (semseg: ResNet deep_base, stem re-wrapped as layer0, then dilation surgery)
         self.deep_stem = bool(deep_stem)
-        resnet = ResNet(block, RESNET_BLOCKS[layers][1], num_classes=None, deep_base=self.deep_stem)
+        resnet = ResNet(block, RESNET_BLOCKS[layers][1], num_classes=None, deep_base=self.deep_stem, fused=fused)
         stem = [resnet.conv1, resnet.bn1, resnet.relu]
         if self.deep_stem:
             stem += [resnet.conv2, resnet.bn2, resnet.relu, resnet.conv3, resnet.bn3, resnet.relu]
@@ -217,7 +220,7 @@ class PSPNet(nn.Module):
         y = self._check_inputs(x, y)
         h, w = output_size(x.shape[2], x.shape[3], self.zoom_factor)
 
-        x = self.layer0(x)
+        x = conv_bn_act_sequential(self.layer0, x) if self.fused else self.layer0(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x_tmp = self.layer3(x)

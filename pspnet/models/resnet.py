@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
+from psp_kernels.conv import conv_bn_act, conv_bn_act_sequential
 
 __all__ = [
     "BasicBlock",
@@ -56,13 +57,16 @@ class BasicBlock(nn.Module):
         planes: output channels.
         stride: stride of ``conv1`` (and of ``downsample``, which the caller builds).
         downsample: module applied to x for the residual when shapes differ, or None.
+        fused: in eval mode run each conv + BN (+ residual) + ReLU as one op with BN folded into the conv
+            (:func:`psp_kernels.conv.conv_bn_act`); training always runs the modules.
     """
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -72,6 +76,9 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            residual = x if self.downsample is None else conv_bn_act_sequential(self.downsample, x)
+            return conv_bn_act(conv_bn_act(x, self.conv1, self.bn1), self.conv2, self.bn2, residual=residual)
         residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -92,13 +99,15 @@ class Bottleneck(nn.Module):
         planes: bottleneck width (output channels are ``4 * planes``).
         stride: stride of ``conv2`` (and of ``downsample``, which the caller builds).
         downsample: module applied to x for the residual when shapes differ, or None.
+        fused: as for :class:`BasicBlock`.
     """
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -110,6 +119,10 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            residual = x if self.downsample is None else conv_bn_act_sequential(self.downsample, x)
+            out = conv_bn_act(conv_bn_act(x, self.conv1, self.bn1), self.conv2, self.bn2)
+            return conv_bn_act(out, self.conv3, self.bn3, residual=residual)
         residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -131,6 +144,8 @@ class ResNet(nn.Module):
         layers: number of blocks in ``layer1..layer4`` (4 ints >= 1).
         deep_base: True (semseg/PSPNet): 3x3 stem ``conv1/bn1/conv2/bn2/conv3/bn3`` ending at 128
             channels. False: the torchvision 7x7 ``conv1/bn1`` stem ending at 64 channels.
+        fused: blocks and stem run each conv + BN (+ residual) + ReLU as one op with BN folded in, in eval
+            mode (:mod:`psp_kernels.conv`); training runs the modules either way.
         num_classes: size of the ``fc`` classifier (semseg: 1000), or None for no ``avgpool``/``fc``
             (forward then returns the ``layer4`` feature map).
 
@@ -145,7 +160,7 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: Block, layers: Sequence[int], num_classes: Optional[int] = 1000,
-                 deep_base: bool = True):
+                 deep_base: bool = True, fused: bool = False):
         super().__init__()
         if block not in (BasicBlock, Bottleneck):
             raise ValueError(f"block must be BasicBlock or Bottleneck, got {block!r}")
@@ -157,6 +172,7 @@ class ResNet(nn.Module):
             raise ValueError(f"num_classes must be an int >= 1 or None, got {num_classes!r}")
         self.block = block
         self.deep_base = bool(deep_base)
+        self.fused = bool(fused)
         if self.deep_base:
             self.inplanes = 128
             self.conv1 = conv3x3(3, 64, stride=2)
@@ -196,14 +212,19 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        mods = [block(self.inplanes, planes, stride, downsample)]
+        mods = [block(self.inplanes, planes, stride, downsample, fused=self.fused)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            mods.append(block(self.inplanes, planes))
+            mods.append(block(self.inplanes, planes, fused=self.fused))
         return nn.Sequential(*mods)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Stem incl. maxpool: [N, 3, H, W] -> [N, 128 (deep) or 64, H/4, W/4]."""
+        if self.fused:
+            x = conv_bn_act(x, self.conv1, self.bn1)
+            if self.deep_base:
+                x = conv_bn_act(conv_bn_act(x, self.conv2, self.bn2), self.conv3, self.bn3)
+            return self.maxpool(x)
         x = self.relu(self.bn1(self.conv1(x)))
         if self.deep_base:
             x = self.relu(self.bn2(self.conv2(x)))

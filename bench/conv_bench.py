@@ -1,0 +1,216 @@
+"""Backbone conv benchmark: fused conv + BN + ReLU (+ residual) vs eager and torch.compile, and PSPNet-50 inference.
+
+    python bench/conv_bench.py [--device cpu|cuda] [--batch N ...] [--size H ...] [--dtype fp32|bf16 ...]
+        [--rounds 5] [--reps 3] [--no-compile] [--no-model] [--model-size 233 ...] [--model-batch 1 ...]
+        [--out bench/results]
+
+Layer rows (inference, BatchNorm in eval mode, channels_last): the convs of PSPNet-50's dilated blocks, i.e.
+layer3 (1x1 1024->256, 3x3 256->256 dilation 2, 1x1 256->1024 + shortcut) and layer4 (1x1 2048->512, 3x3
+512->512 dilation 4, 1x1 512->2048 + shortcut), interleaved in one process on the same weights:
+
+- ``eager``: ``relu(bn(conv(x)) [+ residual])`` as separate ops (cuDNN / oneDNN conv, then BN, add, ReLU);
+- ``compile``: ``torch.compile`` of that (mode max-autotune on CUDA; default mode on CPU);
+- ``fused``: ``psp_kernels.conv.conv_bn_act`` (BN folded into the conv, one op with the bias, residual and
+  ReLU epilogue): the Triton implicit GEMM on CUDA, oneDNN's conv with the epilogue in place on CPU.
+
+Per row: median (p20-p80) over rounds, TFLOP/s of the conv (2 N Ho Wo O C k^2), % of the matmul peak measured
+in the same run (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), speedups, normwise error vs an fp64 reference.
+Model rows: PSPNet-50 eval forward, ``fused=True`` (backbone folded, fused PPM, concat-free head) vs
+``fused=False`` vs ``torch.compile`` of the latter (CUDA; on CPU with ``--model-compile``), at each
+``--model-batch`` x ``--model-size``^2.
+Defaults: CPU N=1, 30x30 (the 233 crop's output stride 8), fp32, model N=1 at 233; CUDA N=8/16,
+60x60 / 90x90, bf16 and fp32, model N=1/16 at 473 and 713 in bf16.
+Writes ``<out>/conv_<device>_<date>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent)]
+from timing import device_slug, environment, interleaved, round_median_ms  # noqa: E402
+
+from psp_kernels.conv import conv_bn_act  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: (name, C, O, kernel, dilation, residual): PSPNet-50's layer3 / layer4 block convs (stride 1, output stride 8).
+LAYERS = [("layer3.conv1 1x1", 1024, 256, 1, 1, False), ("layer3.conv2 3x3 d2", 256, 256, 3, 2, False),
+          ("layer3.conv3 1x1 +res", 256, 1024, 1, 1, True), ("layer4.conv1 1x1", 2048, 512, 1, 1, False),
+          ("layer4.conv2 3x3 d4", 512, 512, 3, 4, False), ("layer4.conv3 1x1 +res", 512, 2048, 1, 1, True)]
+
+
+def matmul_peak_tflops(device: torch.device) -> float:
+    """Measured dense matmul throughput: bf16 8192^3 on CUDA, fp32 2048^3 on CPU (random data)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = round_median_ms(lambda: a @ b, device, 5)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+class ConvBNReLU(nn.Module):
+    """The eager baseline: conv, BatchNorm (eval), optional residual add, ReLU as separate ops."""
+
+    def __init__(self, c: int, o: int, k: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, o, k, padding=dilation * (k // 2), dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(o)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5), self.bn.bias.uniform_(-0.2, 0.2)
+            self.bn.running_mean.uniform_(-0.2, 0.2), self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x, residual=None):
+        y = self.bn(self.conv(x))
+        return F.relu(y if residual is None else y + residual)
+
+
+def bench_layer(spec, n: int, size: int, dtype_name: str, device, args, peak: float) -> list[dict]:
+    name, c, o, k, dilation, has_res = spec
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    module = ConvBNReLU(c, o, k, dilation).to(device).eval()
+    ref_module = ConvBNReLU(c, o, k, dilation).double().to(device).eval()
+    ref_module.load_state_dict(module.state_dict())
+    module = module.to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(n, c, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(n, o, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last) \
+        if has_res else None
+    with torch.no_grad():
+        ref = ref_module(x.double(), None if res is None else res.double())
+    fns = {"eager": lambda: module(x, res), "fused": lambda: conv_bn_act(x, module.conv, module.bn, residual=res)}
+    if not args.no_compile:
+        compiled = torch.compile(module, mode="max-autotune" if device.type == "cuda" else None)
+        fns["compile"] = lambda: compiled(x, res)
+    rows, outs = [], {}
+    with torch.no_grad():
+        for impl, fn in list(fns.items()):
+            try:
+                outs[impl] = fn()
+            except Exception as e:  # a failing baseline is reported, the others go on
+                rows.append(dict(case=name, impl=impl, status="error", error=f"{type(e).__name__}: {e}"[:300]))
+                del fns[impl]
+        times = interleaved(fns, device, args.rounds, args.reps)
+    flops = 2 * n * size * size * o * c * k * k
+    base = {"case": name, "N": n, "C": c, "O": o, "H": size, "W": size, "k": k, "dilation": dilation,
+            "dtype": dtype_name, "layout": "channels_last", "status": "ok"}
+    for impl, t in times.items():
+        tflops = flops / (t["median_ms"] * 1e-3) / 1e12
+        out = outs[impl].double()
+        rows.append(dict(base, impl=impl, **t, tflops=tflops, pct_matmul_peak=100 * tflops / peak,
+                         rel_err=((out - ref).norm() / ref.norm()).item()))
+    for r in rows:
+        if r["status"] == "ok":
+            for b in ("eager", "compile"):
+                if b in times:
+                    r[f"speedup_vs_{b}"] = times[b]["median_ms"] / r["median_ms"]
+    return rows
+
+
+def bench_model(device, args) -> list[dict]:
+    """PSPNet-50 eval forward, fused=True vs fused=False vs torch.compile(fused=False), same weights."""
+    from pspnet.models import PSPNet
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    nets = {"pspnet50_fused": PSPNet(layers=50, classes=150, fused=True),
+            "pspnet50_eager": PSPNet(layers=50, classes=150, fused=False)}
+    nets["pspnet50_fused"].load_state_dict(nets["pspnet50_eager"].state_dict())
+    ref_net = None
+    if device.type == "cpu":  # the fp64 reference (on CUDA, fp64 PSPNet-50 is too slow to be worth it)
+        ref_net = PSPNet(layers=50, classes=150, fused=False).double().eval()
+        ref_net.load_state_dict(nets["pspnet50_eager"].state_dict())
+    nets = {k: m.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval() for k, m in nets.items()}
+    calls = dict(nets)
+    if not args.no_compile and (device.type == "cuda" or args.model_compile):
+        calls["pspnet50_compile"] = torch.compile(nets["pspnet50_eager"],
+                                                  mode="max-autotune" if device.type == "cuda" else None)
+    rows = []
+    for n in args.model_batch or ([1, 16] if device.type == "cuda" else [1]):
+        for size in args.model_size or ([473, 713] if device.type == "cuda" else [233]):
+            x = torch.randn(n, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                ref = ref_net(x.double()) if ref_net is not None else None
+                times = interleaved({k: (lambda m=m: m(x)) for k, m in calls.items()}, device, args.rounds, 1)
+                errs = {k: None if ref is None else ((m(x).double() - ref).norm() / ref.norm()).item()
+                        for k, m in calls.items()}
+            for k, t in times.items():
+                rows.append(dict(case="PSPNet-50 eval forward", impl=k, status="ok", N=n, H=size, W=size,
+                                 dtype=str(dtype).replace("torch.", ""), layout="channels_last", **t,
+                                 rel_err=errs[k], speedup_vs_eager=times["pspnet50_eager"]["median_ms"] / t["median_ms"],
+                                 **({"speedup_vs_compile": times["pspnet50_compile"]["median_ms"] / t["median_ms"]}
+                                    if "pspnet50_compile" in times else {})))
+    return rows
+
+
+def markdown(rows: list[dict], env: dict, peak: float) -> str:
+    lines = [f"matmul peak measured in this run: {peak:.2f} TFLOP/s", "",
+             "| case | config | impl | median ms (p20-p80) | TFLOP/s | % peak | x eager | x compile | rel err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['case']} | | {r['impl']} | {r['status']}: {r.get('error', '')} | | | | | |")
+            continue
+
+        def f(key, spec=".2f"):
+            return "-" if r.get(key) is None else format(r[key], spec)
+        cfg = f"N{r['N']} {r['H']}x{r['W']} {r['dtype']}"
+        lines.append(f"| {r['case']} | {cfg} | {r['impl']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
+                     f" | {f('tflops', '.3f')} | {f('pct_matmul_peak', '.1f')} | {f('speedup_vs_eager')} | "
+                     f"{f('speedup_vs_compile')} | {f('rel_err', '.1e')} |")
+    lines += ["", ", ".join(f"{k} {v}" for k, v in env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+")
+    p.add_argument("--size", type=int, nargs="+")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="calls per round (CPU)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer rows")
+    p.add_argument("--no-model", action="store_true", help="skip the PSPNet-50 rows")
+    p.add_argument("--model-size", type=int, nargs="+")
+    p.add_argument("--model-batch", type=int, nargs="+")
+    p.add_argument("--model-compile", action="store_true",
+                   help="also torch.compile the whole model on CPU (minutes of compile; always on CUDA)")
+    p.add_argument("--out", default=str(BENCH / "results"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    peak = matmul_peak_tflops(device)
+    rows = []
+    if not args.no_layers:
+        for n in args.batch or ([8, 16] if cuda else [1]):
+            for size in args.size or ([60, 90] if cuda else [30]):
+                for dt in args.dtype or (["bf16", "fp32"] if cuda else ["fp32"]):
+                    for spec in LAYERS:
+                        rows += bench_layer(spec, n, size, dt, device, args, peak)
+    if not args.no_model:
+        rows += bench_model(device, args)
+    env = dict(environment(device), matmul_peak_tflops=round(peak, 3))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"conv_{device_slug(device)}_{str(env['date'])[:10]}"
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+    text = markdown(rows, env, peak)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {stem}.json/.md")
+    return stem
+
+
+if __name__ == "__main__":
+    main()

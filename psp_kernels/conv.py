@@ -1,0 +1,120 @@
+"""Backbone conv + BatchNorm (+ residual) + ReLU with BatchNorm folded into the conv for inference.
+
+In eval mode BatchNorm is the affine map ``z * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``,
+so ``bn(conv(x; w)) = conv(x; w * s) + (beta - mean * s)``: one convolution with a bias, whose epilogue also
+adds the residual and applies ReLU (:func:`psp_kernels.ops.conv_bias_act`). The folded weights are cached
+per (conv, BatchNorm) pair and rebuilt when a parameter or running statistic changes (version counters and
+storage), so inference pays for folding once. In training, or when a layer is not foldable, the modules
+run as they are. The modules keep their parameters, so semseg's state_dict keys are unchanged.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .ops.conv import conv_bias_act
+
+__all__ = ["fold_bn", "foldable", "conv_bn_act", "conv_bn_act_sequential"]
+
+_FOLDED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
+
+
+def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """True when ``bn(conv(x))`` in eval mode is one :func:`conv_bias_act`: a 2-D conv with a square kernel,
+    equal stride / padding / dilation on both axes, zero padding and groups 1, followed by a BatchNorm with
+    running statistics."""
+    return (isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+            and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1]
+            and bn.running_mean is not None and bn.running_var is not None
+            and bn.num_features == conv.out_channels)
+
+
+def fold_bn(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode ``bn(conv(.))`` as one conv: ``(weight * s, beta - mean * s + bias * s)``.
+
+    Args:
+        conv: a conv :func:`foldable` with ``bn``; bn: its BatchNorm (affine or not).
+    Returns:
+        weight [O, C, k, k] in the conv weight's dtype and memory format, bias [O] in the BatchNorm's dtype
+        (fp32 for an fp32 BatchNorm). Differentiable w.r.t. every parameter (autograd through the fold).
+    """
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return conv.weight * scale.to(conv.weight.dtype)[:, None, None, None], shift
+
+
+def _state(conv: nn.Conv2d, bn: _BatchNorm) -> tuple:
+    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None) + (bn.eps,)
+
+
+def _cached_fold(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    key = _state(conv, bn)
+    hit = _FOLDED.get(conv)
+    if hit is None or hit[0] != key or hit[1] is not bn:
+        with torch.no_grad():
+            weight, bias = fold_bn(conv, bn)
+        hit = (key, bn, weight, bias)
+        _FOLDED[conv] = hit
+    return hit[2], hit[3]
+
+
+def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = True,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu?(bn(conv(x)) + residual?)``: one fused op with BatchNorm folded in when ``bn`` is in eval mode
+    and the pair is :func:`foldable`; the modules themselves otherwise (training: batch statistics and
+    running-statistics updates exactly as ``nn.BatchNorm2d``).
+
+    Args:
+        x: [N, C, H, W] (channels_last is the fast layout); conv, bn: the layer pair; relu: apply ReLU last;
+        residual: [N, O, Ho, Wo] added before the ReLU, or None.
+    Returns:
+        [N, O, Ho, Wo] in x's dtype (under autocast: its dtype, as conv2d) and, on the fused path, x's memory
+        format. The folded weights are cached
+        while no gradient is needed (e.g. under ``torch.no_grad``); with gradients they are folded per call.
+
+    Source: semseg ``model/resnet.py`` (``Bottleneck.forward``: conv, bn, relu, ``out += residual``).
+    """
+    if bn.training or not foldable(conv, bn):
+        y = bn(conv(x))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
+    if torch.is_autocast_enabled(x.device.type):  # what autocast would do to conv2d's input
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    params = [p for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        weight, bias = fold_bn(conv, bn)
+    else:
+        weight, bias = _cached_fold(conv, bn)
+    return conv_bias_act(x, weight, bias, residual, conv.stride[0], conv.padding[0], conv.dilation[0], relu)
+
+
+def conv_bn_act_sequential(modules: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run ``modules`` with every (conv, BatchNorm[, ReLU]) run of consecutive modules as one
+    :func:`conv_bn_act` (semseg's ``layer0`` stem and ``downsample`` blocks); other modules run as they are."""
+    mods = list(modules)
+    i = 0
+    while i < len(mods):
+        if i + 1 < len(mods) and isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], _BatchNorm):
+            relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
+            x = conv_bn_act(x, mods[i], mods[i + 1], relu=relu)
+            i += 3 if relu else 2
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
