@@ -26,12 +26,23 @@ NVCC_FLAGS = ["-O3", "-lineinfo", "-DPSP_WITH_CUDA",
               "-gencode=arch=compute_90,code=compute_90"]
 
 
+def cutlass_include() -> str:
+    """CUTLASS's headers (csrc/cuda/conv.cu), from the pinned ``nvidia-cutlass`` package (header-only use)."""
+    try:
+        import cutlass_library
+    except ImportError:
+        raise SystemExit("building the CUDA kernels needs CUTLASS's headers: "
+                         "pip install --no-deps nvidia-cutlass==4.2.0.0") from None
+    return os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+
+
 def extension():
     sources = _sources("csrc/cpu/*.cpp") + ["csrc/bindings.cpp"]
     cxx = ["-O3", "-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") if torch.version.cuda else []
     if cuda_sources:
         return CUDAExtension("psp_kernels._C", sources + cuda_sources,
+                             include_dirs=[cutlass_include()],
                              extra_compile_args={"cxx": cxx + ["-DPSP_WITH_CUDA"], "nvcc": NVCC_FLAGS},
                              extra_link_args=["-fopenmp"])
     return CppExtension("psp_kernels._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])

@@ -4,14 +4,19 @@
         [--rounds 5] [--reps 3] [--no-compile] [--no-model] [--model-size 233 ...] [--model-batch 1 ...]
         [--out bench/results]
 
-Layer rows (inference, BatchNorm in eval mode, channels_last): the convs of PSPNet-50's dilated blocks, i.e.
+Layer rows (channels_last): the convs of PSPNet-50's dilated blocks, i.e.
 layer3 (1x1 1024->256, 3x3 256->256 dilation 2, 1x1 256->1024 + shortcut) and layer4 (1x1 2048->512, 3x3
 512->512 dilation 4, 1x1 512->2048 + shortcut), interleaved in one process on the same weights:
 
 - ``eager``: ``relu(bn(conv(x)) [+ residual])`` as separate ops (cuDNN / oneDNN conv, then BN, add, ReLU);
 - ``compile``: ``torch.compile`` of that (mode max-autotune on CUDA; default mode on CPU);
 - ``fused``: ``psp_kernels.conv.conv_bn_act`` (BN folded into the conv, one op with the bias, residual and
-  ReLU epilogue): the Triton implicit GEMM on CUDA, oneDNN's conv with the epilogue in place on CPU.
+  ReLU epilogue): on CUDA ``auto`` (the faster of the two kernels per shape class) and each kernel alone,
+  ``fused_triton`` and ``fused_cuda`` (CUTLASS); oneDNN's conv with the epilogue in place on CPU.
+
+in eval mode ("eval"), and in training mode ("train fwd": BatchNorm with batch statistics and the running
+statistics update; eager modules vs ``psp_kernels.ops.conv_bn_act_train``, whose statistics come from the
+conv's epilogue on CUDA; on CPU it runs the reference path).
 
 Per row: median (p20-p80) over rounds, TFLOP/s of the conv (2 N Ho Wo O C k^2), % of the matmul peak measured
 in the same run (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), speedups, normwise error vs an fp64 reference.
@@ -26,7 +31,6 @@ Writes ``<out>/conv_<device>_<date>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -36,9 +40,11 @@ import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
-from timing import device_slug, environment, interleaved, round_median_ms  # noqa: E402
+from timing import environment, interleaved, round_median_ms, write_results  # noqa: E402
 
+import psp_kernels  # noqa: E402
 from psp_kernels.conv import conv_bn_act  # noqa: E402
+from psp_kernels.ops import conv_bn_act_train  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: (name, C, O, kernel, dilation, residual): PSPNet-50's layer3 / layer4 block convs (stride 1, output stride 8).
@@ -85,20 +91,54 @@ def bench_layer(spec, n: int, size: int, dtype_name: str, device, args, peak: fl
     with torch.no_grad():
         ref = ref_module(x.double(), None if res is None else res.double())
     fns = {"eager": lambda: module(x, res), "fused": lambda: conv_bn_act(x, module.conv, module.bn, residual=res)}
+    if device.type == "cuda":  # each CUDA kernel on its own (fused = auto: the faster per shape class)
+        for backend in ("triton", "cuda"):
+            fns[f"fused_{backend}"] = lambda b=backend: _with_backend(b, lambda: conv_bn_act(
+                x, module.conv, module.bn, residual=res))
     if not args.no_compile:
         compiled = torch.compile(module, mode="max-autotune" if device.type == "cuda" else None)
         fns["compile"] = lambda: compiled(x, res)
+    rows = _layer_rows(spec, "eval", fns, ref, n, size, dtype_name, device, args, peak)
+    rows += bench_layer_train(spec, module, x, res, n, size, dtype_name, device, args, peak)
+    return rows
+
+
+def _with_backend(name: str, fn):
+    with psp_kernels.use_backend(name):
+        return fn()
+
+
+def bench_layer_train(spec, module, x, res, n, size, dtype_name, device, args, peak) -> list[dict]:
+    """Training forward: conv -> BatchNorm (batch statistics, running-statistics update) -> (+res) -> ReLU,
+    eager modules vs the fused training op (statistics from the conv's epilogue, one BN + ReLU pass)."""
+    module.train()
+    conv, bn = module.conv, module.bn
+    with torch.no_grad():
+        ref = F.relu(F.batch_norm(F.conv2d(x.double(), conv.weight.double(), None, 1, conv.padding, conv.dilation),
+                                  None, None, bn.weight.double(), bn.bias.double(), training=True)
+                     + (0 if res is None else res.double()))
+    fns = {"eager": lambda: module(x, res),
+           "fused": lambda: conv_bn_act_train(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                              res, 1, conv.padding[0], conv.dilation[0], True)}
+    rows = _layer_rows(spec, "train fwd", fns, ref, n, size, dtype_name, device, args, peak)
+    module.eval()
+    return rows
+
+
+def _layer_rows(spec, mode, fns, ref, n, size, dtype_name, device, args, peak) -> list[dict]:
+    name, c, o, k, dilation, _ = spec
     rows, outs = [], {}
     with torch.no_grad():
         for impl, fn in list(fns.items()):
             try:
                 outs[impl] = fn()
             except Exception as e:  # a failing baseline is reported, the others go on
-                rows.append(dict(case=name, impl=impl, status="error", error=f"{type(e).__name__}: {e}"[:300]))
+                rows.append(dict(case=name, mode=mode, impl=impl, status="error",
+                                 error=f"{type(e).__name__}: {e}"[:300]))
                 del fns[impl]
         times = interleaved(fns, device, args.rounds, args.reps)
     flops = 2 * n * size * size * o * c * k * k
-    base = {"case": name, "N": n, "C": c, "O": o, "H": size, "W": size, "k": k, "dilation": dilation,
+    base = {"case": name, "mode": mode, "N": n, "C": c, "O": o, "H": size, "W": size, "k": k, "dilation": dilation,
             "dtype": dtype_name, "layout": "channels_last", "status": "ok"}
     for impl, t in times.items():
         tflops = flops / (t["median_ms"] * 1e-3) / 1e12
@@ -140,11 +180,11 @@ def bench_model(device, args) -> list[dict]:
                 errs = {k: None if ref is None else ((m(x).double() - ref).norm() / ref.norm()).item()
                         for k, m in calls.items()}
             for k, t in times.items():
+                speed = {f"speedup_vs_{b}": times[f"pspnet50_{b}"]["median_ms"] / t["median_ms"]
+                         for b in ("eager", "compile") if f"pspnet50_{b}" in times}
                 rows.append(dict(case="PSPNet-50 eval forward", impl=k, status="ok", N=n, H=size, W=size,
                                  dtype=str(dtype).replace("torch.", ""), layout="channels_last", **t,
-                                 rel_err=errs[k], speedup_vs_eager=times["pspnet50_eager"]["median_ms"] / t["median_ms"],
-                                 **({"speedup_vs_compile": times["pspnet50_compile"]["median_ms"] / t["median_ms"]}
-                                    if "pspnet50_compile" in times else {})))
+                                 rel_err=errs[k], **speed))
     return rows
 
 
@@ -154,13 +194,15 @@ def markdown(rows: list[dict], env: dict, peak: float) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['case']} | | {r['impl']} | {r['status']}: {r.get('error', '')} | | | | | |")
+            lines.append(f"| {r['case']} ({r.get('mode', '')}) | | {r['impl']} | {r['status']}: {r.get('error', '')} "
+                         "| | | | | |")
             continue
 
         def f(key, spec=".2f"):
             return "-" if r.get(key) is None else format(r[key], spec)
         cfg = f"N{r['N']} {r['H']}x{r['W']} {r['dtype']}"
-        lines.append(f"| {r['case']} | {cfg} | {r['impl']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
+        case = r["case"] if "mode" not in r else f"{r['case']} ({r['mode']})"
+        lines.append(f"| {case} | {cfg} | {r['impl']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
                      f" | {f('tflops', '.3f')} | {f('pct_matmul_peak', '.1f')} | {f('speedup_vs_eager')} | "
                      f"{f('speedup_vs_compile')} | {f('rel_err', '.1e')} |")
     lines += ["", ", ".join(f"{k} {v}" for k, v in env.items())]
@@ -201,15 +243,7 @@ def main(argv=None) -> Path:
     if not args.no_model:
         rows += bench_model(device, args)
     env = dict(environment(device), matmul_peak_tflops=round(peak, 3))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"conv_{device_slug(device)}_{str(env['date'])[:10]}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
-    text = markdown(rows, env, peak)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem}.json/.md")
-    return stem
+    return write_results(args.out, "conv", device, {"env": env, "rows": rows}, markdown(rows, env, peak))
 
 
 if __name__ == "__main__":

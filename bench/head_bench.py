@@ -21,7 +21,6 @@ Writes ``<out>/head_<device>_<date>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
-from timing import device_slug, environment, interleaved  # noqa: E402
+from timing import environment, interleaved, write_results  # noqa: E402
 
 from psp_kernels import PSPHead  # noqa: E402
 
@@ -245,15 +244,7 @@ def main(argv=None) -> Path:
     if not args.no_model:
         rows += bench_model(device, args)
     env = environment(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"head_{device_slug(device)}_{str(env['date'])[:10]}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
-    text = markdown(rows, env)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem}.json/.md")
-    return stem
+    return write_results(args.out, "head", device, {"env": env, "rows": rows}, markdown(rows, env))
 
 
 if __name__ == "__main__":

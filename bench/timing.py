@@ -8,6 +8,7 @@ same run: copy bandwidth counts the bytes read plus the bytes written.
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import re
 import statistics
@@ -118,3 +119,16 @@ def environment(device: torch.device) -> dict[str, object]:
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     env["git_dirty"] = None if status is None else bool(status)
     return env
+
+
+def write_results(out_dir: str | Path, name: str, device: torch.device, payload: dict, markdown: str) -> Path:
+    """Write ``<out_dir>/<name>_<device>_<date>.json`` (``payload``, whose ``env`` holds the date) and ``.md``;
+    print the markdown and the paths. Returns the common stem."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}_{device_slug(device)}_{str(payload['env']['date'])[:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {stem}.json/.md")
+    return stem

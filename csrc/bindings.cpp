@@ -35,6 +35,11 @@ constexpr const char* kUpsampleIntoDoc =
 constexpr const char* kPoolBackwardAddDoc =
     "residual + pool_backward(grad_pooled, ...), summed in the accumulation dtype and rounded once; residual "
     "may be a channel-slice view (NCHW or channels_last).";
+constexpr const char* kConvBiasActDoc =
+    "conv_bias_act(x: channels_last fp16/bf16 [N, C, H, W], weight: [O, C, k, k], bias: [O], residual: "
+    "[N, O, Ho, Wo] or None, stride: int, padding: int, dilation: int, relu: bool) -> relu?(conv2d(x, weight) + "
+    "bias + residual?) in x's dtype, channels_last (CUTLASS implicit GEMM, fp32 accumulation); raises "
+    "NotImplementedError for inputs it does not cover (fp32/fp64, NCHW, C or O not multiples of 8).";
 constexpr const char* kHeadForwardDoc =
     "relu(bn(y + u @ bw^T)) of the concat-free head (y NCHW or channels_last, u [N, O, H, K] and bw [W, K] in "
     "the accumulation dtype); returns (out, z, mean, var), z empty unless keep_z or training.";
@@ -79,5 +84,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::module_ cu = m.def_submodule(
       "cuda", "Fused PPM kernels for CUDA tensors: the same functions as the CPU backend.");
   PSP_BIND_BACKEND(cu, psp::cuda);
+  cu.def("conv_bias_act", &psp::cuda::conv_bias_act, kConvBiasActDoc, py::arg("x"), py::arg("weight"),
+         py::arg("bias"), py::arg("residual"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+         py::arg("relu"));
 #endif
 }

@@ -104,10 +104,11 @@ class MeasuredChoice:
     """``auto`` on CUDA with several backends: a backend-shaped object whose functions dispatch, per
     function and shape class, to the candidate measured fastest on its first call.
 
-    Every candidate implements the same contract, so the choice changes speed only (results may differ
-    in the last bits between candidates; within a process a shape class always runs the same one, so
-    repeated runs are bitwise identical). During CUDA-graph capture nothing is timed: an unmeasured shape
-    class runs the first candidate. ``choices`` maps ``(function, shape class)`` to the chosen name.
+    Every candidate implements the same contract, so the choice changes speed only (results may differ in
+    the last bits between candidates; within a process a shape class always runs the same one, so repeated
+    runs are bitwise identical). A candidate may decline inputs it does not cover by raising
+    NotImplementedError (the CUTLASS convolution for fp32): the others are measured without it. During
+    CUDA-graph capture nothing is timed: an unmeasured shape class runs the first candidate that accepts it. ``choices`` maps ``(function, shape class)`` to the chosen name.
     """
 
     def __init__(self, candidates: dict[str, object]):
@@ -122,11 +123,21 @@ class MeasuredChoice:
         def dispatch(*args):
             key = (name, tuple(_shape_class(a) for a in args))
             choice = self.choices.get(key)
-            if choice is None:
-                if len(impls) == 1 or torch.cuda.is_current_stream_capturing():
-                    return next(iter(impls.values()))(*args)
-                choice = min(impls, key=lambda k: _time_ms(lambda: impls[k](*args)))
-                self.choices[key] = choice
+            if choice is not None:
+                return impls[choice](*args)
+            measure = len(impls) > 1 and not torch.cuda.is_current_stream_capturing()
+            times, declined = {}, None
+            for k, impl in impls.items():
+                try:
+                    if not measure:
+                        return impl(*args)
+                    times[k] = _time_ms(lambda: impl(*args))
+                except NotImplementedError as e:   # the candidate declines these inputs
+                    declined = e
+            if not times:
+                raise declined
+            choice = min(times, key=times.get)
+            self.choices[key] = choice
             return impls[choice](*args)
         return dispatch
 
@@ -184,3 +195,13 @@ def resolve(device: torch.device, name: str | None = None) -> ModuleType | Measu
     if device.type == "cpu":
         return load_extension() or _reference()
     return _reference()
+
+
+def resolve_for(device: torch.device, function: str) -> ModuleType | MeasuredChoice:
+    """The chosen backend for ``device`` when it implements ``function``; else Triton for CUDA tensors and
+    the reference for CPU tensors (the functions only some backends have: the head epilogue, the backbone
+    convolutions, or an extension built before they existed)."""
+    backend = resolve(device)
+    if hasattr(backend, function):
+        return backend
+    return resolve(device, "triton" if device.type == "cuda" else "reference")

@@ -1,11 +1,15 @@
-"""Backbone conv + BatchNorm (+ residual) + ReLU with BatchNorm folded into the conv for inference.
+"""Backbone conv + BatchNorm (+ residual) + ReLU as fused ops, on the modules' own parameters.
 
-In eval mode BatchNorm is the affine map ``z * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``,
+Inference: BatchNorm is the affine map ``z * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``,
 so ``bn(conv(x; w)) = conv(x; w * s) + (beta - mean * s)``: one convolution with a bias, whose epilogue also
 adds the residual and applies ReLU (:func:`psp_kernels.ops.conv_bias_act`). The folded weights are cached
 per (conv, BatchNorm) pair and rebuilt when a parameter or running statistic changes (version counters and
-storage), so inference pays for folding once. In training, or when a layer is not foldable, the modules
-run as they are. The modules keep their parameters, so semseg's state_dict keys are unchanged.
+storage), so inference pays for folding once.
+
+Training on a GPU: :func:`psp_kernels.ops.conv_bn_act_train` takes BatchNorm's batch statistics in the conv's
+epilogue and applies BatchNorm + residual + ReLU in one pass (running statistics updated as
+``nn.BatchNorm2d``). Training on CPU, a SyncBatchNorm across processes, and pairs the ops do not cover run
+the modules as they are. The modules keep their parameters, so semseg's state_dict keys are unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .ops.conv import conv_bias_act
+from .modules import syncs_statistics
+from .ops.conv import conv_bias_act, conv_bn_act_train
 
 __all__ = ["fold_bn", "foldable", "conv_bn_act", "conv_bn_act_sequential"]
 
@@ -73,11 +78,27 @@ def _cached_fold(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.T
     return hit[2], hit[3]
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype when autocast is on (what it would do to conv2d's input), else x."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def _trains_fused(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm) -> bool:
+    """Training runs the fused ops on GPUs (on CPU it keeps ATen, oneDNN's training convolutions being the
+    fast path there) for a foldable pair with affine BatchNorm and running statistics, a conv without bias,
+    and a BatchNorm whose statistics are this process's (not a SyncBatchNorm across processes)."""
+    return (x.device.type == "cuda" and foldable(conv, bn) and conv.bias is None and bn.affine
+            and bn.track_running_stats and not syncs_statistics(bn))
+
+
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = True,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``relu?(bn(conv(x)) + residual?)``: one fused op with BatchNorm folded in when ``bn`` is in eval mode
-    and the pair is :func:`foldable`; the modules themselves otherwise (training: batch statistics and
-    running-statistics updates exactly as ``nn.BatchNorm2d``).
+    """``relu?(bn(conv(x)) + residual?)``: in eval mode one fused op with BatchNorm folded in (a
+    :func:`foldable` pair); in training on a GPU the fused training op (statistics from the conv's epilogue,
+    one BatchNorm + residual + ReLU pass); the modules themselves otherwise. Training uses batch statistics and
+    updates the running statistics exactly as ``nn.BatchNorm2d``.
 
     Args:
         x: [N, C, H, W] (channels_last is the fast layout); conv, bn: the layer pair; relu: apply ReLU last;
@@ -89,13 +110,17 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = T
 
     Source: semseg ``model/resnet.py`` (``Bottleneck.forward``: conv, bn, relu, ``out += residual``).
     """
+    if bn.training and _trains_fused(x, conv, bn):
+        x = _autocast_input(x)
+        return conv_bn_act_train(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+                                 conv.stride[0], conv.padding[0], conv.dilation[0], relu, bn.momentum, bn.eps,
+                                 bn.num_batches_tracked)
     if bn.training or not foldable(conv, bn):
         y = bn(conv(x))
         if residual is not None:
             y = y + residual
         return F.relu(y) if relu else y
-    if torch.is_autocast_enabled(x.device.type):  # what autocast would do to conv2d's input
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x = _autocast_input(x)
     params = [p for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None]
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         weight, bias = fold_bn(conv, bn)

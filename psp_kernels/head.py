@@ -91,9 +91,10 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
 
     Returns:
         ``u`` [N, O, H, K] and ``bw`` [W, K], K = kw * sum(bins), in the accumulation dtype (fp32; fp64
-        for fp64; also under autocast, which is disabled for these small GEMMs): per bin the per-tap channel mix on the b x b grid (one GEMM, K = R), interpolated along
-        H with the shifted (zero-padded) matrices, then along W by ``bw``. ``u`` is differentiable w.r.t.
-        branches and the weight; ``bw`` is a cached constant.
+        for fp64; also under autocast, which is off for these small GEMMs): per bin the per-tap channel mix
+        on the b x b grid (one GEMM, K = R), interpolated along H with the shifted (zero-padded) matrices,
+        then along W by ``bw``. ``u`` is differentiable w.r.t. branches and the weight; ``bw`` is a cached
+        constant.
     """
     n, r, _ = branches.shape
     kh, kw, o, _ = weight_taps.shape

@@ -265,16 +265,23 @@ def head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, gam
     """
     acc = acc_dtype(z.dtype)
     zf = z.to(acc)
-    invstd, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    _, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    mask = zf * _per_channel(scale) + _per_channel(shift) > 0
+    grad_z, grad_bn = _bn_backward(torch.where(mask, grad_out.to(acc), 0), zf, gamma, beta, mean, var, training, eps)
+    grad_y = grad_z.to(z.dtype).contiguous(memory_format=_memory_format(is_channels_last(z)))
+    return grad_y, torch.matmul(grad_z, bw), grad_bn
+
+
+def _bn_backward(g: torch.Tensor, zf: torch.Tensor, gamma, beta, mean, var, training: bool, eps: float):
+    """BatchNorm's backward for the (already ReLU-masked) output gradient ``g`` of input ``zf``, both in the
+    accumulation dtype: ``(grad_z, grad_bn [2, O] = (grad_gamma, grad_beta))``; batch statistics in training."""
+    invstd, scale, _ = _bn_scale_shift(gamma, beta, mean, var, eps)
     xhat = (zf - _per_channel(mean)) * _per_channel(invstd)
-    g = torch.where(zf * _per_channel(scale) + _per_channel(shift) > 0, grad_out.to(acc), 0)
     grad_beta, grad_gamma = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
     if training:
-        count = z.numel() // z.shape[1]
+        count = zf.numel() // zf.shape[1]
         g = g - _per_channel(grad_beta / count) - xhat * _per_channel(grad_gamma / count)
-    grad_z = g * _per_channel(scale)
-    grad_y = grad_z.to(z.dtype).contiguous(memory_format=_memory_format(is_channels_last(z)))
-    return grad_y, torch.matmul(grad_z, bw), torch.stack((grad_gamma, grad_beta))
+    return g * _per_channel(scale), torch.stack((grad_gamma, grad_beta))
 
 
 class SemsegPPM(nn.Module):
@@ -341,6 +348,49 @@ def conv_bias_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     from ATen's ``convolution_backward``."""
     grad_z = torch.where(out > 0, grad_out, 0) if relu else grad_out
     gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_z.to(x.dtype), x, weight.to(x.dtype), [weight.shape[0]] if mask[2] else None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0],
-        1, [bool(mask[0]), bool(mask[1]), bool(mask[2])])
+        grad_z.to(x.dtype), x, weight.to(x.dtype), [weight.shape[0]] if mask[2] else None, [stride] * 2,
+        [padding] * 2, [dilation] * 2, False, [0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2])])
     return gx, gw, gb, ((grad_z if relu else grad_z.clone()) if mask[3] else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone convolution + BatchNorm (batch statistics) + residual + ReLU for training. The conv's output y
+# is stored once; its per-channel statistics come from the conv's epilogue (Triton), then BatchNorm, the
+# residual add and ReLU are one pass. Backward: BatchNorm + ReLU in one op, the conv's in ATen.
+# --------------------------------------------------------------------------------------------------
+
+def conv_bn_train_forward(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                          residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool,
+                          eps: float):
+    """``relu?(bn_train(conv2d(x, weight)) + residual?)``; returns ``(out, y, mean, var)``.
+
+    ``y`` is the conv output rounded to x's dtype (the tensor BatchNorm sees), in x's memory format; ``mean``
+    and ``var`` [O] its batch statistics (biased variance) in the accumulation dtype; ``out`` has x's dtype
+    and memory format. ``gamma``/``beta`` [O], x's dtype or fp32; ``residual`` [N, O, Ho, Wo] or None.
+    """
+    acc = acc_dtype(x.dtype)
+    fmt = _memory_format(is_channels_last(x))
+    y = F.conv2d(x.to(acc), weight.to(acc), None, stride, padding, dilation).to(x.dtype).contiguous(memory_format=fmt)
+    yf = y.to(acc)
+    var, mean = torch.var_mean(yf, dim=(0, 2, 3), unbiased=False)
+    _, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    z = yf * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        z = z + residual.to(acc)
+    out = (torch.relu(z) if relu else z).to(x.dtype).contiguous(memory_format=fmt)
+    return out, y, mean, var
+
+
+def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor,
+                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relu: bool, eps: float,
+                    has_residual: bool):
+    """Gradient of the BatchNorm (batch statistics) + residual + ReLU part of :func:`conv_bn_train_forward`;
+    returns ``(grad_y, grad_residual, grad_bn)``: ``grad_y`` in y's dtype and memory format, ``grad_residual``
+    (the ReLU-masked output gradient; empty without a residual) in grad_out's dtype and y's memory format,
+    ``grad_bn`` [2, O] (gamma, beta) in the accumulation dtype. The ReLU mask is ``out > 0``."""
+    acc = acc_dtype(y.dtype)
+    fmt = _memory_format(is_channels_last(y))
+    g = torch.where(out > 0, grad_out.to(acc), 0) if relu else grad_out.to(acc)
+    grad_y, grad_bn = _bn_backward(g, y.to(acc), gamma, beta, mean, var, True, eps)
+    grad_res = g.to(grad_out.dtype).contiguous(memory_format=fmt) if has_residual else y.new_empty(0)
+    return grad_y.to(y.dtype).contiguous(memory_format=fmt), grad_res, grad_bn

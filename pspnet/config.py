@@ -31,7 +31,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "checkpoint_config", "apply_overrides", "parse_value", "config_help"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "checkpoint_config", "apply_overrides", "parse_value",
+           "config_help"]
 
 VALID_LAYERS = (18, 34, 50, 101, 152)
 VALID_ZOOM = (1, 2, 4, 8)

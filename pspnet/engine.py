@@ -23,9 +23,9 @@ from .distributed import DistContext
 from .inference import predict
 from .metrics import SegmentationMetrics
 
-__all__ = ["set_seed", "get_rng_state", "set_rng_state", "build_model", "load_for_inference", "param_groups", "build_optimizer",
-           "poly_lr", "set_poly_lr", "EpochSampler", "limit_dataset", "base_dataset", "build_train_set",
-           "build_eval_set", "build_train_loader", "evaluate_dataset", "write_report", "JsonlLog"]
+__all__ = ["set_seed", "get_rng_state", "set_rng_state", "build_model", "load_for_inference", "param_groups",
+           "build_optimizer", "poly_lr", "set_poly_lr", "EpochSampler", "limit_dataset", "base_dataset",
+           "build_train_set", "build_eval_set", "build_train_loader", "evaluate_dataset", "write_report", "JsonlLog"]
 
 
 # ---------------------------------------------------------------------------- randomness

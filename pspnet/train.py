@@ -1,4 +1,5 @@
-"""``python -m pspnet.train --config configs/camvid.yaml [--key value ...] [--no-fused] [--amp bf16|fp16] [--resume PATH|auto]``
+"""``python -m pspnet.train --config configs/camvid.yaml [--key value ...] [--no-fused] [--amp bf16|fp16]
+[--resume PATH|auto]``
 
 Trains PSPNet with semseg's recipe (``tool/train.py``; see :mod:`pspnet.trainer`). Every config key
 can be overridden as ``--key value`` (``python -m pspnet.train --help`` lists them). Writes

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "ppm_bench.py"
 N, C, SIZE = 2, 64, 12
 P = N * C * SIZE * SIZE * 4  # bytes of x, fp32
 TIMED = ("eager_nchw", "eager_cl", "fused_cpp")
@@ -23,12 +19,8 @@ POSITIVE = ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_copy_bw", "copy_bw_gbp
 
 
 @pytest.fixture(scope="module")
-def ppm_bench():
-    spec = importlib.util.spec_from_file_location("ppm_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def ppm_bench(load_bench):
+    return load_bench("ppm_bench")
 
 
 @pytest.fixture(scope="module")

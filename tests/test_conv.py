@@ -21,6 +21,8 @@ GEOMETRY = [(1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2)
 # (N, C, O, H, W): odd map, channel counts not multiples of any block, N=1, map smaller than the dilation.
 SHAPES = [(2, 24, 40, 13, 17), (1, 7, 5, 9, 6), (2, 16, 72, 5, 4)]
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.float16: torch.float32,
+       torch.bfloat16: torch.float32}
 
 
 @pytest.fixture(params=["reference", "triton"])
@@ -39,7 +41,7 @@ def make_inputs(n, c, o, h, w, k, stride, padding, dilation, dtype, layout, resi
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
     weight = (torch.randn(o, c, k, k, generator=g, dtype=torch.float64) / (c * k * k) ** 0.5).to(dtype)
     weight = weight.contiguous(memory_format=fmt)
-    bias = torch.randn(o, generator=g, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    bias = torch.randn(o, generator=g, dtype=torch.float64).to(ACC[dtype])
     ho, wo = ((s + 2 * padding - dilation * (k - 1) - 1) // stride + 1 for s in (h, w))
     res = torch.randn(n, o, ho, wo, generator=g, dtype=torch.float64).to(dtype) if residual else None
     return x, weight, bias, res
@@ -101,9 +103,11 @@ def test_op_gradcheck_and_opcheck(backend, geometry):
     k, stride, padding, dilation = geometry
     x, weight, bias, res = make_inputs(1, 3, 4, 7, 6, k, stride, padding, dilation, torch.float64, "channels_last")
     args = [t.requires_grad_() for t in (x, weight, bias, res)]
-    assert torch.autograd.gradcheck(lambda *a: conv_bias_act(*a, stride, padding, dilation, True), args)
+    assert torch.autograd.gradcheck(lambda *a: conv_bias_act(*a, stride, padding, dilation, True), args,
+                                    fast_mode=True)
     torch.library.opcheck(torch.ops.psp.conv_bias_act.default, (x, weight, bias, res, stride, padding, dilation, True))
-    torch.library.opcheck(torch.ops.psp.conv_bias_act.default, (x, weight, None, None, stride, padding, dilation, False))
+    torch.library.opcheck(torch.ops.psp.conv_bias_act.default,
+                          (x, weight, None, None, stride, padding, dilation, False))
 
 
 def test_op_rejects_bad_input():
@@ -219,3 +223,102 @@ def test_fused_pspnet_eval_matches_unfused_fp64(layers):
     with torch.no_grad():
         assert nerr(fused(x), plain(x)) <= 1e-10
     assert fused.layer1[0].fused and not plain.layer1[0].fused
+
+
+# ---------------------------------------------------------------------------- training: conv + statistics + BN
+
+def train_oracle(x, weight, gamma, beta, res, stride, padding, dilation, relu, eps=1e-5):
+    """nn.functional in fp64: conv, batch_norm with batch statistics, residual, ReLU."""
+    y = F.conv2d(x.double(), weight.double(), None, stride, padding, dilation)
+    z = F.batch_norm(y, None, None, gamma.double(), beta.double(), training=True, eps=eps)
+    if res is not None:
+        z = z + res.double()
+    return torch.relu(z) if relu else z
+
+
+def make_train_inputs(n, c, o, h, w, geometry, dtype, layout, residual, seed=0):
+    k, stride, padding, dilation = geometry
+    x, weight, _, res = make_inputs(n, c, o, h, w, k, stride, padding, dilation, dtype, layout, residual, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    gamma = (torch.rand(o, generator=g, dtype=torch.float64) + 0.5).to(ACC[dtype])
+    beta = torch.randn(o, generator=g, dtype=torch.float64).to(ACC[dtype])
+    return x, weight, gamma, beta, res
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("geometry", [(1, 1, 0, 1), (1, 2, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2), (3, 1, 4, 4)], ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_train_op_matches_batchnorm_chain_fp64(backend, shape, geometry, layout):
+    """Forward, every gradient and the running statistics against conv -> BatchNorm2d (train) -> add -> ReLU."""
+    from psp_kernels.ops.conv import conv_bn_act_train
+    n, c, o, h, w = shape
+    k, stride, padding, dilation = geometry
+    for residual, relu in ((True, True), (False, True), (False, False)):
+        x, weight, gamma, beta, res = make_train_inputs(n, c, o, h, w, geometry, torch.float64, layout, residual)
+        leaves = [t.requires_grad_() for t in (x, weight, gamma, beta) + ((res,) if residual else ())]
+        rm, rv = torch.zeros(o, dtype=torch.float64), torch.ones(o, dtype=torch.float64)
+        nbt = torch.zeros((), dtype=torch.long)
+        out = conv_bn_act_train(x, weight, gamma, beta, rm, rv, res, stride, padding, dilation, relu,
+                                num_batches_tracked=nbt)
+        bn = nn.BatchNorm2d(o).double()
+        with torch.no_grad():
+            bn.weight.copy_(gamma), bn.bias.copy_(beta)
+        ref = bn(F.conv2d(x, weight, None, stride, padding, dilation))
+        ref = ref + res if residual else ref
+        ref = torch.relu(ref) if relu else ref
+        assert nerr(out, ref) <= 1e-12 and out.dtype == torch.float64
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                 else torch.contiguous_format)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(out, leaves, g)
+        want = torch.autograd.grad(ref, [x, weight, bn.weight, bn.bias] + ([res] if residual else []), g)
+        for name, a, b in zip(("x", "weight", "gamma", "beta", "residual"), got, want):
+            assert nerr(a, b) <= 1e-11, (name, residual, relu, nerr(a, b))
+        torch.testing.assert_close(rm, bn.running_mean, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(rv, bn.running_var, rtol=1e-12, atol=1e-15)
+        assert int(nbt) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_train_op_low_precision_within_pytorchs_error(backend, dtype):
+    from psp_kernels.ops.conv import conv_bn_act_train
+    geometry = (3, 1, 2, 2)
+    x, weight, gamma, beta, res = make_train_inputs(2, 24, 40, 13, 17, geometry, dtype, "channels_last", True)
+    o = weight.shape[0]
+    ref = train_oracle(x, weight, gamma, beta, res, 1, 2, 2, True)
+    eager = torch.relu(F.batch_norm(F.conv2d(x, weight, None, 1, 2, 2), None, None, gamma.to(dtype), beta.to(dtype),
+                                    training=True) + res)
+    out = conv_bn_act_train(x, weight, gamma, beta, torch.zeros(o), torch.ones(o), res, 1, 2, 2, True)
+    factor = 3 if backend == "triton" and dtype == torch.bfloat16 else 2
+    assert out.dtype == dtype and nerr(out, ref) <= factor * nerr(eager, ref) + TOL[dtype]
+
+
+def test_train_op_deterministic_gradcheck_opcheck_and_errors(backend):
+    from psp_kernels.ops.conv import conv_bn_act_train
+    x, weight, gamma, beta, res = make_train_inputs(2, 5, 4, 7, 6, (3, 1, 2, 2), torch.float64, "channels_last", True)
+    stats = lambda: (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))  # noqa: E731
+    a = conv_bn_act_train(x, weight, gamma, beta, *stats(), res, 1, 2, 2, True)
+    assert torch.equal(a, conv_bn_act_train(x, weight, gamma, beta, *stats(), res, 1, 2, 2, True))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, gamma, beta, res)]
+    assert torch.autograd.gradcheck(lambda *t: conv_bn_act_train(*t[:4], *stats(), t[4], 1, 2, 2, True), leaves,
+                                    fast_mode=True)
+    torch.library.opcheck(torch.ops.psp.conv_bn_act_train.default, (*leaves[:4], leaves[4], 1, 2, 2, True, 1e-5))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        conv_bn_act_train(x[:1, :, :1, :1], weight[:, :, :1, :1], gamma, beta, *stats())
+    with pytest.raises(ValueError, match="bn_weight must have shape"):
+        conv_bn_act_train(x, weight, gamma[:3], beta, *stats())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_bn_act_trains_fused_on_cuda_like_the_modules():
+    conv, bn = make_pair(24, 40, 3, 1, 2, 2, dtype=torch.float32)
+    conv, bn = conv.cuda(), bn.cuda()
+    twin_conv, twin_bn = make_pair(24, 40, 3, 1, 2, 2, dtype=torch.float32)
+    twin_conv, twin_bn = twin_conv.cuda(), twin_bn.cuda()
+    twin_conv.load_state_dict(conv.state_dict()), twin_bn.load_state_dict(bn.state_dict())
+    x = torch.randn(4, 24, 30, 30, device="cuda").contiguous(memory_format=torch.channels_last)
+    out = conv_bn_act(x, conv, bn)
+    ref = torch.relu(twin_bn(twin_conv(x)))
+    assert nerr(out, ref.double()) <= 1e-5
+    torch.testing.assert_close(bn.running_mean, twin_bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, twin_bn.running_var, rtol=1e-5, atol=1e-6)

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "conv_bench.py"
 
 
-def test_conv_bench_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("conv_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def test_conv_bench_tiny(tmp_path, load_bench):
+    module = load_bench("conv_bench")
     stem = module.main(["--device", "cpu", "--batch", "1", "--size", "9", "--rounds", "1", "--reps", "1",
                         "--no-compile", "--model-size", "41", "--out", str(tmp_path)])
     data = json.loads(stem.with_suffix(".json").read_text())
     rows = data["rows"]
-    layers = {(r["case"], r["impl"]): r for r in rows if r["case"] != "PSPNet-50 eval forward"}
-    assert set(layers) == {(spec[0], impl) for spec in module.LAYERS for impl in ("eager", "fused")}
-    for (case, impl), r in layers.items():
-        assert r["status"] == "ok" and r["median_ms"] > 0 and math.isfinite(r["tflops"]), (case, impl)
-        assert r["rel_err"] < 1e-5, (case, impl, r["rel_err"])
+    layers = {(r["case"], r["mode"], r["impl"]): r for r in rows if r["case"] != "PSPNet-50 eval forward"}
+    assert set(layers) == {(spec[0], mode, impl) for spec in module.LAYERS for mode in ("eval", "train fwd")
+                           for impl in ("eager", "fused")}
+    for key, r in layers.items():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and math.isfinite(r["tflops"]), key
+        assert r["rel_err"] < 1e-5, (key, r["rel_err"])
         assert r["speedup_vs_eager"] > 0
-    layer4 = layers[("layer4.conv2 3x3 d4", "fused")]
+    layer4 = layers[("layer4.conv2 3x3 d4", "eval", "fused")]
     assert layer4["dilation"] == 4 and layer4["tflops"] == 2 * 9 * 9 * 512 * 512 * 9 / (layer4["median_ms"] * 1e-3) / 1e12
     models = {r["impl"]: r for r in rows if r["case"] == "PSPNet-50 eval forward"}
     assert set(models) == {"pspnet50_fused", "pspnet50_eager"}

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 CUDA_SOURCES = sorted(p.name for p in (CSRC / "cuda").glob("*.cu"))
 FUNCTIONS = ("pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
-             "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add")
+             "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "conv_bias_act")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +69,12 @@ def setup_nvcc_flags() -> list[str]:
     raise AssertionError("setup.py defines no NVCC_FLAGS")
 
 
+def cutlass_include() -> str:
+    """CUTLASS's include folder from the pinned nvidia-cutlass package (installed by scripts/run.sh)."""
+    import cutlass_library
+    return str(Path(cutlass_library.__file__).parent / "source" / "include")
+
+
 def torch_flags() -> list[str]:
     """Defines and include paths torch.utils.cpp_extension compiles an extension with."""
     paths = cpp_extension.include_paths()
@@ -91,7 +97,8 @@ def compile_commands(nvcc: str, out: Path) -> dict[str, list[str]]:
         keep.mkdir()
         cmds[src] = [nvcc, "-c", str(CSRC / "cuda" / src), "-o", str(out / f"{src}.o"),
                      "-gencode=arch=compute_90,code=sm_90", "-keep", f"-keep-dir={keep}",
-                     *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", *nvcc_flags, *torch_flags()]
+                     *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", *nvcc_flags, *torch_flags(),
+                     f"-I{cutlass_include()}"]
     cmds["bindings.cpp"] = [os.environ.get("CXX", "c++"), "-c", "-O0", "-fPIC", "-DPSP_WITH_CUDA", *torch_flags(),
                             f"-I{sysconfig.get_paths()['include']}", str(CSRC / "bindings.cpp"),
                             "-o", str(out / "bindings.cpp.o")]
@@ -482,3 +489,39 @@ def test_invalid_arguments_raise(cu):
         cu.upsample_into(rand(1, 2 + 5, 5, 5).to(DEV), rand(1, 3, s).to(DEV), bins, 2)
     with pytest.raises(RuntimeError, match="residual"):
         cu.pool_backward_add(rand(1, 2, s).to(DEV), bins, rand(1, 3, 5, 5).to(DEV), False)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the CUTLASS backbone convolution
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geometry", [(1, 1, 0, 1), (1, 2, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2), (3, 1, 4, 4)],
+                         ids=lambda g: "k{}s{}p{}d{}".format(*g))
+def test_conv_bias_act(cu, dtype, geometry):
+    k, stride, padding, dilation = geometry
+    cl = torch.channels_last
+    x = torch.randn(2, 64, 29, 31, device=DEV, dtype=dtype).contiguous(memory_format=cl)
+    w = (torch.randn(72, 64, k, k, device=DEV, dtype=dtype) / (64 * k * k) ** 0.5).contiguous(memory_format=cl)
+    b = torch.randn(72, device=DEV)
+    ho, wo = ((s + 2 * padding - dilation * (k - 1) - 1) // stride + 1 for s in (29, 31))
+    res = torch.randn(2, 72, ho, wo, device=DEV, dtype=dtype).contiguous(memory_format=cl)
+    for r, relu in ((res, True), (None, True), (None, False)):
+        out = cu.conv_bias_act(x, w, b, r, stride, padding, dilation, relu)
+        want = ref.conv_bias_act(x.double(), w.double(), b.double(), None if r is None else r.double(), stride,
+                                 padding, dilation, relu)
+        eager = ref.conv_bias_act(x, w, b, r, stride, padding, dilation, relu)
+        assert out.is_contiguous(memory_format=cl) and out.dtype == dtype
+        err = lambda t: ((t.double() - want).norm() / want.norm()).item()  # noqa: E731
+        assert err(out) <= 2 * err(eager) + 1e-3
+        assert torch.equal(out, cu.conv_bias_act(x, w, b, r, stride, padding, dilation, relu))
+
+
+def test_conv_bias_act_declines_what_it_does_not_cover(cu):
+    x = torch.randn(1, 64, 8, 8, device=DEV).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, device=DEV)
+    with pytest.raises(NotImplementedError, match="float16/bfloat16"):
+        cu.conv_bias_act(x, w, torch.zeros(64, device=DEV), None, 1, 1, 1, True)
+    with pytest.raises(NotImplementedError, match="multiples of 8"):
+        cu.conv_bias_act(x[:, :3].half().contiguous(memory_format=torch.channels_last), w[:, :3].half(),
+                         torch.zeros(64, device=DEV), None, 1, 1, 1, True)

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = (REPO.parent / "shared" / "data" / "camvid").resolve()
 CONFIG = REPO / "configs" / "camvid.yaml"
 needs_data = pytest.mark.skipif(not (DATA_ROOT / "classes.json").is_file(), reason="CamVid not available")
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
 
 
 def _tiny(save_path, *extra, threads=1):
@@ -205,7 +206,8 @@ def test_fused_model_trains_under_autocast_like_the_unfused_one(amp, device):
     (fused_loss, fused_grad), (plain_loss, plain_grad) = run(fused, amp), run(plain, amp)
     assert fused_grad.dtype == torch.float32
     assert abs(fused_loss - exact_loss) <= 2 * abs(plain_loss - exact_loss) + 1e-3 * abs(exact_loss)
-    err = lambda g: (torch.linalg.vector_norm(g - exact_grad) / torch.linalg.vector_norm(exact_grad)).item()  # noqa: E731
+    norm = torch.linalg.vector_norm
+    err = lambda g: (norm(g - exact_grad) / norm(exact_grad)).item()  # noqa: E731
     assert err(fused_grad) <= 2 * err(plain_grad), (err(fused_grad), err(plain_grad))
 
 

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "head_bench.py"
 
 
-def test_head_bench_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("head_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def test_head_bench_tiny(tmp_path, load_bench):
+    module = load_bench("head_bench")
     stem = module.main(["--device", "cpu", "--batch", "2", "--channels", "32", "--size", "12", "--rounds", "1",
                         "--no-compile", "--model-size", "33", "--out", str(tmp_path)])
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]

@@ -407,3 +407,15 @@ def test_auto_measures_and_keeps_the_faster_backend(monkeypatch):
     assert choice.pool_forward(x, [1, 2]) == "fast"
     assert hasattr(choice, "pool_concat_forward") and not hasattr(choice, "upsample_into")
     assert choice.pool_concat_forward(x, [1, 2], 5) == "fast-only"
+
+    def picky(x, *args):  # a candidate that declines fp64 (as the CUTLASS conv declines fp32)
+        if x.dtype == torch.float64:
+            raise NotImplementedError("not this dtype")
+        return "picky"
+    slow.conv_bias_act, fast.conv_bias_act = (lambda x, *args: "slow"), picky
+    timings.update(picky=0.1)
+    assert choice.conv_bias_act(x) == "picky"                         # measured, fastest
+    assert choice.conv_bias_act(x.double()) == "slow"                 # declined: the other one is chosen
+    slow.conv_bias_act = picky
+    with pytest.raises(NotImplementedError, match="not this dtype"):  # declined by all: the error surfaces
+        choice.conv_bias_act(x.double()[:, :, :5])

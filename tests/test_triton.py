@@ -379,7 +379,8 @@ _MODULE_KERNELS = {
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
     thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
             "_sum_rows_kernel", "_head_bwd_kernel"),
-    tconv: ("_conv_fwd_kernel",),
+    tconv: ("_conv_fwd_kernel", "_merge_tiles_kernel", "_bn_act_kernel", "_bn_act_bwd_sums_kernel", "_sum_rows_kernel",
+            "_bn_act_bwd_kernel"),
 }
 
 
@@ -460,8 +461,12 @@ def test_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
                                                    (1024, 2048, 1, 1, 1, False, False), (3, 64, 7, 2, 1, False, True)):
         xc = torch.empty(n, c_in, hw, hw, **meta).contiguous(memory_format=fmt)  # the backbone's conv shapes
         res = torch.empty(n, o, hw, hw, **meta) if has_res else None
-        tri.conv_bias_act(xc, torch.empty(o, c_in, k, k, **meta).contiguous(memory_format=fmt),
-                          torch.empty(o, **acc), res, 1 if has_res else stride, dil * (k // 2), dil, relu)
+        wc = torch.empty(o, c_in, k, k, **meta).contiguous(memory_format=fmt)
+        s = 1 if has_res else stride
+        tri.conv_bias_act(xc, wc, torch.empty(o, **acc), res, s, dil * (k // 2), dil, relu)
+        vec = torch.empty(o, **acc)                                              # training: conv + statistics
+        out, y, mean, var = tconv.conv_bn_train_forward(xc, wc, vec, vec, res, s, dil * (k // 2), dil, relu, 1e-5)
+        tconv.bn_act_backward(torch.empty_like(out), y, out, vec, vec, mean, var, relu, 1e-5, has_res)
 
     nested = {"_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"}     # 60, 90: nested; 61: general path
     expected = {k for v in _MODULE_KERNELS.values() for k in v} - (nested if hw % 6 else {"_pool_fwd_kernel",

@@ -53,6 +53,11 @@ at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64
 void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
                    int64_t channels);
 
+// conv.cu (CUTLASS implicit GEMM; raises NotImplementedError for inputs it does not cover)
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, int64_t dilation,
+                         bool relu);
+
 }  // namespace psp::cuda
 
 #ifdef __CUDACC__

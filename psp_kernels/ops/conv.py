@@ -1,5 +1,8 @@
-"""``psp::conv_bias_act``: a backbone convolution with its inference epilogue, ``relu?(conv(x) + bias +
-residual?)``, in one pass (BatchNorm folded into weight and bias by ``psp_kernels.conv.fold_bn``).
+"""Backbone convolution ops. ``psp::conv_bias_act``: a convolution with its inference epilogue,
+``relu?(conv(x) + bias + residual?)``, in one pass (BatchNorm folded into weight and bias by
+``psp_kernels.conv.fold_bn``). ``psp::conv_bn_act_train``: the training forward, the conv's batch statistics
+from its epilogue and BatchNorm + residual + ReLU in one pass; ``psp::bn_act_backward`` its BatchNorm + ReLU
+backward in one op.
 
 Kernels: ``psp_kernels/triton/conv.py`` (CUDA: implicit GEMM with the epilogue), and for CPU tensors
 ``psp_kernels.reference.conv_bias_act`` (oneDNN's convolution, residual add and ReLU in place). The
@@ -12,23 +15,16 @@ from typing import Optional
 
 import torch
 
-from ..backends import resolve
+from ..backends import resolve_for
 from ._checks import check_tensor
-
-
-def _backend(device: torch.device):
-    """The chosen backend when it has a conv kernel; else Triton for CUDA tensors and the reference (ATen,
-    oneDNN) for CPU tensors."""
-    backend = resolve(device)
-    if hasattr(backend, "conv_bias_act"):
-        return backend
-    return resolve(device, "triton" if device.type == "cuda" else "reference")
+from .projection import update_running_stats
 
 
 @torch.library.custom_op("psp::conv_bias_act", mutates_args=())
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
           stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
-    return _backend(x.device).conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu)
+    backend = resolve_for(x.device, "conv_bias_act")
+    return backend.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu)
 
 
 def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
@@ -104,6 +100,12 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
     Source: issue "dilated-convolution kernels"; performance.md §1 (dilated conv3x3) and §5 (DCONV-I).
     """
+    _check_conv(x, weight, bias, residual, stride, padding, dilation)
+    return _conv(x, weight, bias, residual, stride, padding, dilation, relu)
+
+
+def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> None:
+    """The argument checks shared by :func:`conv_bias_act` and :func:`conv_bn_act_train`."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4, x.device)
     n, c, h, w = x.shape
@@ -115,7 +117,8 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(w, kw, stride, padding, dilation)
     if ho < 1 or wo < 1:
-        raise ValueError(f"the {kh}x{kw} kernel (dilation {dilation}, padding {padding}) does not fit x of size {h}x{w}")
+        raise ValueError(f"the {kh}x{kw} kernel (dilation {dilation}, padding {padding}) does not fit x of size "
+                         f"{h}x{w}")
     if bias is not None:
         check_tensor(bias, "bias", 1, x.device)
         if bias.shape[0] != o:
@@ -126,4 +129,105 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             raise ValueError(f"residual must have shape {(n, o, ho, wo)}, got {tuple(residual.shape)}")
     if x.dtype == torch.float64 and weight.dtype != torch.float64:
         raise TypeError(f"weight must be float64 for float64 x, got {weight.dtype}")
-    return _conv(x, weight, bias, residual, stride, padding, dilation, relu)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: conv with batch statistics from its epilogue, then BatchNorm + residual + ReLU in one pass.
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("psp::conv_bn_act_train", mutates_args=())
+def _train(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+           residual: Optional[torch.Tensor], stride: int, padding: int, dilation: int, relu: bool, eps: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, y, mean, var): the output, the conv output (BatchNorm's input) and its batch statistics."""
+    backend = resolve_for(x.device, "conv_bn_train_forward")
+    return backend.conv_bn_train_forward(x, weight, gamma, beta, residual, stride, padding, dilation, relu, eps)
+
+
+@_train.register_fake
+def _(x, weight, gamma, beta, residual, stride, padding, dilation, relu, eps):
+    out = _conv(x, weight, None, None, stride, padding, dilation, relu)   # the fake kernel of the inference op
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stat = x.new_empty(weight.shape[0], dtype=acc)
+    return out, torch.empty_like(out), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("psp::bn_act_backward", mutates_args=())
+def _bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor,
+                     beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relu: bool, eps: float,
+                     has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_y, grad_residual or empty, grad_bn [2, O] = (gamma, beta))."""
+    backend = resolve_for(y.device, "bn_act_backward")
+    return backend.bn_act_backward(grad_out, y, out, gamma, beta, mean, var, relu, eps, has_residual)
+
+
+@_bn_act_backward.register_fake
+def _(grad_out, y, out, gamma, beta, mean, var, relu, eps, has_residual):
+    grad_res = torch.empty_like(y, dtype=grad_out.dtype) if has_residual else y.new_empty(0, dtype=grad_out.dtype)
+    return torch.empty_like(y), grad_res, mean.new_empty(2, mean.shape[0])
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, gamma, beta, residual, stride, padding, dilation, relu, eps = inputs
+    out, y, mean, var = output
+    ctx.mark_non_differentiable(y, mean, var)
+    ctx.save_for_backward(x, weight, gamma, beta, y, out, mean, var)
+    ctx.args = (stride, padding, dilation, relu, eps, residual is not None)
+
+
+def _train_backward(ctx, grad_out, _gy, _gmean, _gvar):
+    x, weight, gamma, beta, y, out, mean, var = ctx.saved_tensors
+    stride, padding, dilation, relu, eps, has_res = ctx.args
+    need = ctx.needs_input_grad
+    grad_y, grad_res, grad_bn = _bn_act_backward(grad_out, y, out, gamma, beta, mean, var, relu, eps, has_res)
+    gx, gw, _, _ = _conv_backward(grad_y, x, weight, y, stride, padding, dilation, False,
+                                  [need[0], need[1], False, False])
+    return (gx if need[0] else None, gw.to(weight.dtype) if need[1] else None, grad_bn[0].to(gamma.dtype),
+            grad_bn[1].to(beta.dtype), grad_res if has_res and need[4] else None, None, None, None, None, None)
+
+
+_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+def conv_bn_act_train(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                      running_mean: torch.Tensor, running_var: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                      stride: int = 1, padding: int = 0, dilation: int = 1, relu: bool = True,
+                      momentum: float | None = 0.1, eps: float = 1e-5,
+                      num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu?(batch_norm_train(conv2d(x, weight)) + residual?)`` with the batch statistics taken in the conv's
+    epilogue (no extra read of the conv output) and BatchNorm + residual + ReLU in one pass; updates the
+    running statistics in place exactly as ``nn.BatchNorm2d`` in training.
+
+    Args:
+        x, weight, residual, stride, padding, dilation, relu: as :func:`conv_bias_act` (the conv has no bias).
+        bn_weight, bn_bias, running_mean, running_var: the BatchNorm tensors [O], x's dtype or fp32.
+        momentum: running-average factor; ``None`` uses the cumulative average 1/num_batches_tracked.
+        eps: added to the variance. num_batches_tracked: the int64 counter to increment (optional).
+
+    Returns:
+        [N, O, Ho, Wo] in x's dtype and memory format. Differentiable w.r.t. x, weight, bn_weight, bn_bias and
+        residual: BatchNorm + ReLU backward in one op (two passes over the gradient), then ATen's convolution
+        backward. Saved for backward: x, the conv output and the output. Deterministic (no atomics).
+
+    Raises:
+        TypeError / ValueError / RuntimeError: as :func:`conv_bias_act`, naming the argument; ValueError
+            "Expected more than 1 value per channel when training" as BatchNorm.
+
+    Source: issue "dilated-convolution kernels" (training); semseg ``model/resnet.py`` (conv, bn, relu).
+    """
+    _check_conv(x, weight, None, residual, stride, padding, dilation)
+    o = weight.shape[0]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_tensor(t, name, 1, x.device)
+        if t.shape[0] != o:
+            raise ValueError(f"{name} must have shape ({o},), got {tuple(t.shape)}")
+    count = x.shape[0] * _out_size(x.shape[2], weight.shape[2], stride, padding, dilation) * _out_size(
+        x.shape[3], weight.shape[3], stride, padding, dilation)
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} for x of shape "
+                         f"{tuple(x.shape)}")
+    out, _, mean, var = _train(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, relu, eps)
+    update_running_stats(mean[None], var[None], [running_mean], [running_var],
+                         None if num_batches_tracked is None else [num_batches_tracked], momentum, [count])
+    return out

@@ -13,19 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import resolve
+from ..backends import resolve_for
 from ..geometry import acc_dtype
 from ._checks import check_tensor, layout_for_kernels
 from .projection import update_running_stats
-
-
-def _backend(device: torch.device):
-    """The chosen backend when it has the head kernels; else Triton for CUDA tensors (the CUDA C++ backend
-    has none) and the reference for CPU tensors (an extension built before they existed)."""
-    backend = resolve(device)
-    if hasattr(backend, "head_forward"):
-        return backend
-    return resolve(device, "triton" if device.type == "cuda" else "reference")
 
 
 @torch.library.custom_op("psp::head_bn_relu", mutates_args=())
@@ -33,8 +24,9 @@ def _head(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torch.Tenso
           running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float, keep_z: bool
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, z, mean, var); z is empty unless kept (training or keep_z)."""
-    return _backend(y.device).head_forward(layout_for_kernels(y), u, bw, gamma, beta, running_mean, running_var,
-                                           training, eps, keep_z)
+    backend = resolve_for(y.device, "head_forward")
+    return backend.head_forward(layout_for_kernels(y), u, bw, gamma, beta, running_mean, running_var, training, eps,
+                                keep_z)
 
 
 @_head.register_fake
@@ -51,8 +43,8 @@ def _head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, ga
                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns grad_y (z's layout), grad_u [N, O, H, K] and grad_bn [2, O] (gamma, beta), accumulation dtype."""
-    return _backend(z.device).head_backward(layout_for_kernels(grad_out), z, bw, gamma, beta, mean, var,
-                                            training, eps)
+    backend = resolve_for(z.device, "head_backward")
+    return backend.head_backward(layout_for_kernels(grad_out), z, bw, gamma, beta, mean, var, training, eps)
 
 
 @_head_backward.register_fake

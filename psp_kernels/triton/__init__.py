@@ -18,6 +18,9 @@ head_forward        program per ((n, h) row, O block): branch term + add + BN + 
 head_backward       per-row BN sums, ordered sum, grad_y + grad_u per row             3
 conv_bias_act       implicit GEMM per (pixel block, out-channel block) with bias +    1
                     residual + ReLU epilogue (backbone convs, BN folded; conv.py)
+conv_bn_train_fwd   the implicit GEMM storing y and per-tile (mean, M2); ordered       3
+                    merge of the tiles; BN + residual + ReLU per (pixel, channel) tile
+bn_act_backward     per-tile BN sums, ordered sum, grad_y + grad_residual per tile     3
 ==================  ==============================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
@@ -39,7 +42,7 @@ import torch
 
 from . import conv, head, pooling, projection, upsample
 from .common import CompileConfig
-from .conv import conv_bias_act
+from .conv import bn_act_backward, conv_bias_act, conv_bn_train_forward
 from .head import head_backward, head_forward
 from .pooling import pool_backward, pool_backward_add, pool_concat_forward, pool_forward
 from .projection import project_backward, project_forward
@@ -47,7 +50,7 @@ from .upsample import upsample_backward, upsample_forward, upsample_into
 
 __all__ = ["pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
            "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "head_forward",
-           "head_backward", "conv_bias_act", "KERNELS",
+           "head_backward", "conv_bias_act", "conv_bn_train_forward", "bn_act_backward", "KERNELS",
            "KernelEntry", "CompileConfig"]
 
 

@@ -19,17 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import SIG_DTYPE, CompileConfig, acc_dtype, acc_tl, dot_upcast, relu_nan
+from .common import SIG_DTYPE, CompileConfig, acc_dtype, acc_tl, dot_upcast, eps_args, inv_std, relu_nan
+from .head import BLOCK_ROWS, _sum_rows_kernel
 
 GROUP_M = 8
 
 
 @triton.jit
 def _conv_fwd_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
         C, H, W, O, HO, WO, M, stride, padding, dilation,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w, so_n, so_c, so_h, so_w, sr_n, sr_c, sr_h, sr_w,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+        STATS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -77,7 +79,136 @@ def _conv_fwd_kernel(
     if RELU:
         acc = relu_nan(acc)
     out = out_ptr + (n_img * so_n + ho * so_h + wo * so_w)[:, None] + offs_n[None, :] * so_c
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile)
+    stored = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out, stored, mask=tile)
+    if STATS:  # this tile's per-channel (mean, M2) of the output as stored (BatchNorm's input)
+        count = tl.cast(tl.minimum(M - pid_m * BLOCK_M, BLOCK_M), ACC_DTYPE)
+        y = tl.where(mask_m[:, None], stored.to(ACC_DTYPE), 0.0)
+        mean = tl.sum(y, axis=0) / count
+        d = tl.where(mask_m[:, None], y - mean[None, :], 0.0)
+        prow = part_ptr + pid_m.to(tl.int64) * O + offs_n
+        tl.store(prow, mean, mask=mask_n)
+        tl.store(prow + tiles_m.to(tl.int64) * O, tl.sum(d * d, axis=0), mask=mask_n)
+
+
+
+EW_BLOCK_M, EW_BLOCK_O, EW_WARPS = 64, 64, 4   # the BatchNorm passes: (pixel, channel) tiles
+
+
+@triton.jit
+def _merge_tiles_kernel(part_ptr, mean_ptr, var_ptr, TILES, O, M, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    """Per channel block: merge the conv tiles' (mean, M2), tile t holding min(BLOCK_M, M - t BLOCK_M) pixels,
+    in tile order (Chan); writes the batch mean and biased variance."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O
+    run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for t in range(0, TILES):
+        count = tl.cast(tl.minimum(M - t * BLOCK_M, BLOCK_M), ACC_DTYPE)
+        seen = tl.cast(t * BLOCK_M, ACC_DTYPE)
+        prow = part_ptr + t * O + offs_o
+        delta = tl.load(prow, mask=mask_o, other=0.0) - run_mean
+        run_mean += delta * (count / (seen + count))
+        run_m2 += tl.load(prow + TILES.to(tl.int64) * O, mask=mask_o, other=0.0) + delta * delta * (
+            seen * count / (seen + count))
+    tl.store(mean_ptr + offs_o, run_mean, mask=mask_o)
+    tl.store(var_ptr + offs_o, run_m2 / tl.cast(M, ACC_DTYPE), mask=mask_o)
+
+
+@triton.jit
+def _pixel_tile(O, HO, WO, M, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Program -> (its pixels' (n, ho, wo), its channels, masks) for the (pixel block, channel block) grid."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    n_img = offs_m // (HO * WO)
+    pix = offs_m % (HO * WO)
+    return n_img, pix // WO, pix % WO, offs_o, offs_m < M, offs_o < O
+
+
+@triton.jit
+def _at(n_img, ho, wo, offs_o, s_n, s_c, s_h, s_w):
+    return (n_img * s_n + ho * s_h + wo * s_w)[:, None] + offs_o[None, :] * s_c
+
+
+@triton.jit
+def _invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.constexpr):
+    """1 / sqrt(var + eps) of a channel block (eps passed as two fp32 halves, see common.eps_args)."""
+    eps = tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
+    return inv_std(tl.load(var_ptr + offs_o, mask=mask_o, other=1.0), eps, ACC_DTYPE)
+
+
+@triton.jit
+def _bn_act_kernel(y_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, O, HO, WO, M, eps_hi, eps_lo,
+                   sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """out = relu?((y - mean) * gamma / sqrt(var + eps) + beta + residual?), written in y's layout."""
+    n_img, ho, wo, offs_o, mask_m, mask_o = _pixel_tile(O, HO, WO, M, BLOCK_M, BLOCK_O)
+    tile = mask_m[:, None] & mask_o[None, :]
+    scale = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0) * _invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo,
+                                                                            ACC_DTYPE)
+    mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
+    shift = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0) - mean * scale
+    at = _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w)
+    z = tl.load(y_ptr + at, mask=tile, other=0.0).to(ACC_DTYPE) * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        z += tl.load(res_ptr + _at(n_img, ho, wo, offs_o, sr_n, sr_c, sr_h, sr_w), mask=tile, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        z = relu_nan(z)
+    tl.store(out_ptr + at, z.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _masked_grad(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, n_img, ho, wo, offs_o, tile, mask_o, eps_hi, eps_lo,
+                 sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sy_n, sy_c, sy_h, sy_w, RELU: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """(ReLU-masked output gradient, xhat, invstd) of one tile, in the accumulation dtype."""
+    g = tl.load(g_ptr + _at(n_img, ho, wo, offs_o, sg_n, sg_c, sg_h, sg_w), mask=tile, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        o = tl.load(out_ptr + _at(n_img, ho, wo, offs_o, so_n, so_c, so_h, so_w), mask=tile, other=0.0)
+        g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
+    invstd = _invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE)
+    y = tl.load(y_ptr + _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w), mask=tile, other=0.0).to(ACC_DTYPE)
+    xhat = tl.where(tile, (y - tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)[None, :]) * invstd[None, :], 0.0)
+    return g, xhat, invstd
+
+
+@triton.jit
+def _bn_act_bwd_sums_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, part_ptr, O, HO, WO, M, eps_hi, eps_lo,
+                            sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sy_n, sy_c, sy_h, sy_w,
+                            RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Per (pixel block, channel block): sum(g * xhat) and sum(g) of the masked gradient -> part[2, blocks, O]."""
+    n_img, ho, wo, offs_o, mask_m, mask_o = _pixel_tile(O, HO, WO, M, BLOCK_M, BLOCK_O)
+    tile = mask_m[:, None] & mask_o[None, :]
+    g, xhat, _ = _masked_grad(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, n_img, ho, wo, offs_o, tile, mask_o, eps_hi,
+                              eps_lo, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sy_n, sy_c, sy_h, sy_w, RELU,
+                              ACC_DTYPE)
+    prow = part_ptr + tl.program_id(0).to(tl.int64) * O + offs_o
+    tl.store(prow, tl.sum(g * xhat, axis=0), mask=mask_o)
+    tl.store(prow + tl.num_programs(0).to(tl.int64) * O, tl.sum(g, axis=0), mask=mask_o)
+
+
+@triton.jit
+def _bn_act_bwd_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sums_ptr, gy_ptr, gr_ptr, O, HO, WO, M,
+                       eps_hi, eps_lo, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sy_n, sy_c, sy_h, sy_w,
+                       HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                       ACC_DTYPE: tl.constexpr):
+    """grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M) and, with a residual, its gradient
+    g (the masked output gradient)."""
+    n_img, ho, wo, offs_o, mask_m, mask_o = _pixel_tile(O, HO, WO, M, BLOCK_M, BLOCK_O)
+    tile = mask_m[:, None] & mask_o[None, :]
+    g, xhat, invstd = _masked_grad(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, n_img, ho, wo, offs_o, tile, mask_o,
+                                   eps_hi, eps_lo, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sy_n, sy_c, sy_h,
+                                   sy_w, RELU, ACC_DTYPE)
+    count = tl.cast(M, ACC_DTYPE)
+    sum_gx = tl.load(sums_ptr + offs_o, mask=mask_o, other=0.0)
+    sum_g = tl.load(sums_ptr + O + offs_o, mask=mask_o, other=0.0)
+    scale = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0) * invstd
+    gy = scale[None, :] * (g - (sum_g / count)[None, :] - xhat * (sum_gx / count)[None, :])
+    at = _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w)
+    tl.store(gy_ptr + at, gy.to(gy_ptr.dtype.element_ty), mask=tile)
+    if HAS_RES:
+        tl.store(gr_ptr + at, g.to(gr_ptr.dtype.element_ty), mask=tile)
 
 
 def _blocks(dtype: torch.dtype, out_channels: int) -> dict:
@@ -91,27 +222,89 @@ def _blocks(dtype: torch.dtype, out_channels: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=4)
 
 
-def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                  stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
-    """Contract of ``psp_kernels.reference.conv_bias_act`` (output in x's memory format)."""
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+          stride: int, padding: int, dilation: int, relu: bool, stats: bool):
+    """Launch the implicit GEMM; returns ``(out, part)``, part [2, tiles_m, O] the per-tile (mean, M2) when
+    ``stats`` (else None). ``out`` is allocated in x's memory format."""
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
     wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    out = torch.empty(n, o, ho, wo, dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = torch.empty(n, o, ho, wo, dtype=x.dtype, device=x.device, memory_format=_format(x))
     weight = weight.to(x.dtype)
     res = residual if residual is not None else out
     cfg = _blocks(x.dtype, o)
     m = n * ho * wo
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(o, cfg["BLOCK_N"]),)
-    _conv_fwd_kernel[grid](
-        x, weight, bias.to(acc_dtype(x.dtype)) if bias is not None else out, res, out, c, h, w, o, ho, wo, m,
-        stride, padding, dilation, *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, GROUP=GROUP_M,
-        ACC_DTYPE=acc_tl(x.dtype), DOT_UPCAST=dot_upcast(x.dtype), **cfg)
-    return out
+    tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
+    part = torch.empty(2, tiles_m, o, dtype=acc_dtype(x.dtype), device=x.device) if stats else None
+    _conv_fwd_kernel[(tiles_m * triton.cdiv(o, cfg["BLOCK_N"]),)](
+        x, weight, bias.to(acc_dtype(x.dtype)) if bias is not None else out, res, out, part if stats else out,
+        c, h, w, o, ho, wo, m, stride, padding, dilation, *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
+        GROUP=GROUP_M, ACC_DTYPE=acc_tl(x.dtype), DOT_UPCAST=dot_upcast(x.dtype), **cfg)
+    return out, part
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                  stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
+    """Contract of ``psp_kernels.reference.conv_bias_act`` (output in x's memory format)."""
+    return _conv(x, weight, bias, residual, stride, padding, dilation, relu, False)[0]
+
+
+def _ew_grid(m: int, o: int) -> tuple[int, int]:
+    return (triton.cdiv(m, EW_BLOCK_M), triton.cdiv(o, EW_BLOCK_O))
+
+
+def conv_bn_train_forward(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                          residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool,
+                          eps: float):
+    """Contract of ``psp_kernels.reference.conv_bn_train_forward``: ``(out, y, mean, var)``. Three launches:
+    the conv with per-tile statistics in its epilogue, an ordered merge of the tiles (Chan), and one pass of
+    BatchNorm + residual + ReLU."""
+    y, part = _conv(x, weight, None, None, stride, padding, dilation, False, True)
+    n, o, ho, wo = y.shape
+    m, acc = n * ho * wo, acc_dtype(x.dtype)
+    mean = torch.empty(o, dtype=acc, device=x.device)
+    var = torch.empty(o, dtype=acc, device=x.device)
+    _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O),)](part, mean, var, part.shape[1], o, m,
+                                                       BLOCK_M=_blocks(x.dtype, o)["BLOCK_M"], BLOCK_O=EW_BLOCK_O,
+                                                       ACC_DTYPE=acc_tl(x.dtype), num_warps=EW_WARPS)
+    out = torch.empty_like(y)
+    res = residual if residual is not None else y
+    gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
+    _bn_act_kernel[_ew_grid(m, o)](y, res, out, mean, var, gamma, beta, o, ho, wo, m, *eps_args(eps), *y.stride(),
+                                   *res.stride(), HAS_RES=residual is not None, RELU=relu, BLOCK_M=EW_BLOCK_M,
+                                   BLOCK_O=EW_BLOCK_O, ACC_DTYPE=acc_tl(x.dtype), num_warps=EW_WARPS)
+    return out, y, mean, var
+
+
+def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor,
+                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relu: bool, eps: float,
+                    has_residual: bool):
+    """Contract of ``psp_kernels.reference.bn_act_backward``: ``(grad_y, grad_residual, grad_bn)``. Three
+    launches: per-tile BatchNorm sums, their ordered sum, then grad_y and the residual's gradient."""
+    n, o, ho, wo = y.shape
+    m, acc = n * ho * wo, acc_dtype(y.dtype)
+    gamma = gamma.to(acc).contiguous()
+    grid = _ew_grid(m, o)
+    part = torch.empty(2, grid[0], o, dtype=acc, device=y.device)
+    sums = torch.empty(2, o, dtype=acc, device=y.device)
+    strides = (*grad_out.stride(), *out.stride(), *y.stride())
+    consts = dict(RELU=relu, BLOCK_M=EW_BLOCK_M, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=acc_tl(y.dtype), num_warps=EW_WARPS)
+    _bn_act_bwd_sums_kernel[grid](grad_out, out, y, mean, var, part, o, ho, wo, m, *eps_args(eps), *strides, **consts)
+    _sum_rows_kernel[(triton.cdiv(o, EW_BLOCK_O), 2)](part, sums, grid[0], o, BLOCK_O=EW_BLOCK_O,
+                                                       BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=acc_tl(y.dtype),
+                                                       num_warps=EW_WARPS)
+    grad_y = torch.empty_like(y)
+    grad_res = torch.empty_like(y, dtype=grad_out.dtype) if has_residual else y.new_empty(0, dtype=grad_out.dtype)
+    _bn_act_bwd_kernel[grid](grad_out, out, y, mean, var, gamma, sums, grad_y, grad_res if has_residual else grad_y,
+                             o, ho, wo, m, *eps_args(eps), *strides, HAS_RES=has_residual, **consts)
+    return grad_y, grad_res, sums
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,32 +312,83 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 # --------------------------------------------------------------------------------------------------
 
 #: Kernel sizes of the ResNet backbones (1x1, the deep stem's and the blocks' 3x3, torchvision's 7x7 stem) and
-#: the epilogues they use: (residual, ReLU) = conv + BN + ReLU, the block end (+ shortcut, ReLU), downsample.
+#: the conv epilogues (bias, residual, ReLU, statistics): conv + folded BN + ReLU, the block end (+ shortcut,
+#: ReLU), downsample (no ReLU), and the training conv (raw output + per-tile statistics).
 KERNEL_SIZES = (1, 3, 7)
-EPILOGUES = ((False, True), (True, True), (False, False))
+EPILOGUES = ((True, False, True, False), (True, True, True, False), (True, False, False, False),
+             (False, False, False, True))
+#: (residual, ReLU) of the BatchNorm passes.
+BN_EPILOGUES = ((False, True), (True, True), (False, False))
+
+
+def _ints(*names: str) -> dict:
+    return {name: "i32" for name in names}
+
+
+STRIDES = ("n", "c", "h", "w")
+
+
+def _strides(prefix: str) -> dict:
+    return _ints(*(f"{prefix}_{s}" for s in STRIDES))
 
 
 def compile_configs(dtypes: Sequence[torch.dtype]):
-    """``[(kernel, CompileConfig)]`` for every kernel size, epilogue and BLOCK_N choice, per dtype (stride,
-    padding and dilation are runtime arguments)."""
+    """``[(kernel, CompileConfig)]`` for every kernel size, epilogue and BLOCK_N choice of the conv, and every
+    flag combination of the BatchNorm passes, per dtype (stride, padding and dilation are runtime arguments)."""
     out = []
-    ints = {name: "i32" for name in ("C", "H", "W", "O", "HO", "WO", "M", "stride", "padding", "dilation", "sx_n",
-                                     "sx_c", "sx_h", "sx_w", "sw_o", "sw_c", "sw_h", "sw_w", "so_n", "so_c", "so_h",
-                                     "so_w", "sr_n", "sr_c", "sr_h", "sr_w")}
+    conv_ints = {**_ints("C", "H", "W", "O", "HO", "WO", "M", "stride", "padding", "dilation"), **_strides("sx"),
+                 **_ints("sw_o", "sw_c", "sw_h", "sw_w"), **_strides("so"), **_strides("sr")}
+    eps = {"eps_hi": "fp32", "eps_lo": "fp32"}
     for dtype in dtypes:
         dt, acc = SIG_DTYPE[dtype], SIG_DTYPE[acc_dtype(dtype)]
+        tacc = acc_tl(dtype)
         for out_channels in sorted({_blocks(dtype, o)["BLOCK_N"]: o for o in (64, 256)}.values()):
             blocks = _blocks(dtype, out_channels)
             warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
             for k in KERNEL_SIZES:
-                for has_res, relu in EPILOGUES:
-                    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{acc}", "res_ptr": f"*{dt}",
-                           "out_ptr": f"*{dt}", **ints}
-                    consts = dict(KH=k, KW=k, HAS_BIAS=True, HAS_RES=has_res, RELU=relu, GROUP=GROUP_M,
-                                  ACC_DTYPE=acc_tl(dtype), DOT_UPCAST=False, **blocks)
+                for has_bias, has_res, relu, stats in EPILOGUES:
+                    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{acc}" if has_bias else f"*{dt}",
+                           "res_ptr": f"*{dt}", "out_ptr": f"*{dt}", "part_ptr": f"*{acc}" if stats else f"*{dt}",
+                           **conv_ints}
+                    consts = dict(KH=k, KW=k, HAS_BIAS=has_bias, HAS_RES=has_res, RELU=relu, STATS=stats,
+                                  GROUP=GROUP_M, ACC_DTYPE=tacc, DOT_UPCAST=False, **blocks)
                     sig.update({name: "constexpr" for name in consts})
-                    tag = ("res_" if has_res else "") + ("relu" if relu else "linear")
+                    tag = "stats" if stats else ("res_" if has_res else "") + ("relu" if relu else "linear")
                     out.append((_conv_fwd_kernel, CompileConfig(
                         f"conv_fwd/{dt}/k{k}/n{blocks['BLOCK_N']}/{tag}", sig, consts, num_warps=warps,
                         num_stages=stages)))
+        ew = dict(BLOCK_M=EW_BLOCK_M, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=tacc)
+        bn = {"mean_ptr": f"*{acc}", "var_ptr": f"*{acc}"}
+        shape = _ints("O", "HO", "WO", "M")
+        for has_res, relu in BN_EPILOGUES:
+            flags = dict(HAS_RES=has_res, RELU=relu)
+            tag = ("res_" if has_res else "") + ("relu" if relu else "linear")
+            out.append((_bn_act_kernel, CompileConfig(
+                f"bn_act/{dt}/{tag}", {"y_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}", **bn,
+                                      "gamma_ptr": f"*{acc}", "beta_ptr": f"*{acc}", **shape, **eps,
+                                      **_strides("sy"), **_strides("sr"), **{n: "constexpr" for n in (*flags, *ew)}},
+                dict(**flags, **ew), num_warps=EW_WARPS)))
+            grads = {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "y_ptr": f"*{dt}", **bn}
+            gstrides = {**_strides("sg"), **_strides("so"), **_strides("sy")}
+            out.append((_bn_act_bwd_kernel, CompileConfig(
+                f"bn_act_bwd/{dt}/{tag}", {**grads, "gamma_ptr": f"*{acc}", "sums_ptr": f"*{acc}", "gy_ptr": f"*{dt}",
+                                          "gr_ptr": f"*{dt}", **shape, **eps, **gstrides,
+                                          **{n: "constexpr" for n in (*flags, *ew)}},
+                dict(**flags, **ew), num_warps=EW_WARPS)))
+            if not has_res:
+                out.append((_bn_act_bwd_sums_kernel, CompileConfig(
+                    f"bn_act_bwd_sums/{dt}/{'relu' if relu else 'linear'}",
+                    {**grads, "part_ptr": f"*{acc}", **shape, **eps, **gstrides,
+                     **{n: "constexpr" for n in ("RELU", *ew)}}, dict(RELU=relu, **ew), num_warps=EW_WARPS)))
+        if dtype not in (torch.float32, torch.float64):
+            continue                    # the merges read accumulation-dtype partials only
+        out.append((_merge_tiles_kernel, CompileConfig(
+            f"merge_tiles/{dt}", {"part_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}",
+                                  **_ints("TILES", "O", "M"), "BLOCK_M": "constexpr", "BLOCK_O": "constexpr",
+                                  "ACC_DTYPE": "constexpr"},
+            dict(BLOCK_M=_blocks(dtype, 256)["BLOCK_M"], BLOCK_O=EW_BLOCK_O, ACC_DTYPE=tacc), num_warps=EW_WARPS)))
+        out.append((_sum_rows_kernel, CompileConfig(
+            f"conv_sum_rows/{dt}", {"part_ptr": f"*{acc}", "out_ptr": f"*{acc}", **_ints("ROWS", "O"),
+                                    "BLOCK_O": "constexpr", "BLOCK_ROWS": "constexpr", "ACC_DTYPE": "constexpr"},
+            dict(BLOCK_O=EW_BLOCK_O, BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=tacc), num_warps=EW_WARPS)))
     return out
