@@ -20,7 +20,8 @@ conv's epilogue on CUDA; on CPU it runs the reference path).
 
 Per row: median (p20-p80) over rounds, TFLOP/s of the conv (2 N Ho Wo O C k^2), % of the matmul peak measured
 in the same run (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), speedups, normwise error vs an fp64 reference.
-Model rows: PSPNet-50 eval forward, ``fused=True`` (backbone folded, fused PPM, concat-free head) vs
+Model rows: a PSPNet-50 training step (N=8 at 473, bf16 autocast; on CUDA, or with ``--train-step``), and
+PSPNet-50 eval forward, ``fused=True`` (backbone folded, fused PPM, concat-free head) vs
 ``fused=False`` vs ``torch.compile`` of the latter (CUDA; on CPU with ``--model-compile``), at each
 ``--model-batch`` x ``--model-size``^2.
 Defaults: CPU N=1, 30x30 (the 233 crop's output stride 8), fp32, model N=1 at 233; CUDA N=8/16,
@@ -179,13 +180,50 @@ def bench_model(device, args) -> list[dict]:
                 times = interleaved({k: (lambda m=m: m(x)) for k, m in calls.items()}, device, args.rounds, 1)
                 errs = {k: None if ref is None else ((m(x).double() - ref).norm() / ref.norm()).item()
                         for k, m in calls.items()}
-            for k, t in times.items():
-                speed = {f"speedup_vs_{b}": times[f"pspnet50_{b}"]["median_ms"] / t["median_ms"]
-                         for b in ("eager", "compile") if f"pspnet50_{b}" in times}
-                rows.append(dict(case="PSPNet-50 eval forward", impl=k, status="ok", N=n, H=size, W=size,
-                                 dtype=str(dtype).replace("torch.", ""), layout="channels_last", **t,
-                                 rel_err=errs[k], **speed))
+            rows += _model_rows("PSPNet-50 eval forward", times, n, size, dtype, errs)
     return rows
+
+
+def _model_rows(case, times, n, size, dtype, errs=None) -> list[dict]:
+    rows = []
+    for k, t in times.items():
+        speed = {f"speedup_vs_{b}": times[f"pspnet50_{b}"]["median_ms"] / t["median_ms"]
+                 for b in ("eager", "compile") if f"pspnet50_{b}" in times}
+        rows.append(dict(case=case, impl=k, status="ok", N=n, H=size, W=size, dtype=str(dtype).replace("torch.", ""),
+                         layout="channels_last", **t, rel_err=(errs or {}).get(k), **speed))
+    return rows
+
+
+def bench_train_step(device, args) -> list[dict]:
+    """PSPNet-50 SGD training step (bf16 autocast on CUDA, channels_last), fused=True (fused backbone convs, PPM,
+    head) vs fused=False vs torch.compile of the latter, same weights and batch."""
+    from pspnet.models import PSPNet
+    torch.manual_seed(0)
+    nets = {"pspnet50_fused": PSPNet(layers=50, classes=150, fused=True),
+            "pspnet50_eager": PSPNet(layers=50, classes=150, fused=False)}
+    nets["pspnet50_fused"].load_state_dict(nets["pspnet50_eager"].state_dict())
+    nets = {k: m.to(device=device, memory_format=torch.channels_last).train() for k, m in nets.items()}
+    calls = dict(nets)
+    if not args.no_compile and device.type == "cuda":
+        calls["pspnet50_compile"] = torch.compile(nets["pspnet50_eager"], mode="max-autotune-no-cudagraphs")
+    n, size = args.step_batch, args.step_size
+    x = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 150, (n, size, size), device=device)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
+    opts["pspnet50_compile"] = opts["pspnet50_eager"]
+    amp = torch.bfloat16 if device.type == "cuda" else None
+
+    def step(k):
+        def run():
+            opts[k].zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                _, main, aux = calls[k](x, y)
+                loss = main + 0.4 * aux
+            loss.backward()
+            opts[k].step()
+        return run
+    times = interleaved({k: step(k) for k in calls}, device, args.rounds, 1)
+    return _model_rows("PSPNet-50 train step", times, n, size, amp or torch.float32)
 
 
 def markdown(rows: list[dict], env: dict, peak: float) -> str:
@@ -224,6 +262,10 @@ def parse_args(argv=None):
     p.add_argument("--model-batch", type=int, nargs="+")
     p.add_argument("--model-compile", action="store_true",
                    help="also torch.compile the whole model on CPU (minutes of compile; always on CUDA)")
+    p.add_argument("--train-step", action="store_true",
+                   help="add the PSPNet-50 training-step rows (default on CUDA; on CPU bench/head_bench.py has them)")
+    p.add_argument("--step-batch", type=int, default=8)
+    p.add_argument("--step-size", type=int, default=473)
     p.add_argument("--out", default=str(BENCH / "results"))
     return p.parse_args(argv)
 
@@ -242,6 +284,8 @@ def main(argv=None) -> Path:
                         rows += bench_layer(spec, n, size, dt, device, args, peak)
     if not args.no_model:
         rows += bench_model(device, args)
+        if args.train_step or cuda:
+            rows += bench_train_step(device, args)
     env = dict(environment(device), matmul_peak_tflops=round(peak, 3))
     return write_results(args.out, "conv", device, {"env": env, "rows": rows}, markdown(rows, env, peak))
 

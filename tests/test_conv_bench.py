@@ -9,10 +9,11 @@ import math
 def test_conv_bench_tiny(tmp_path, load_bench):
     module = load_bench("conv_bench")
     stem = module.main(["--device", "cpu", "--batch", "1", "--size", "9", "--rounds", "1", "--reps", "1",
-                        "--no-compile", "--model-size", "41", "--out", str(tmp_path)])
+                        "--no-compile", "--model-size", "41", "--train-step", "--step-batch", "2", "--step-size", "33",
+                        "--out", str(tmp_path)])
     data = json.loads(stem.with_suffix(".json").read_text())
     rows = data["rows"]
-    layers = {(r["case"], r["mode"], r["impl"]): r for r in rows if r["case"] != "PSPNet-50 eval forward"}
+    layers = {(r["case"], r["mode"], r["impl"]): r for r in rows if not r["case"].startswith("PSPNet-50")}
     assert set(layers) == {(spec[0], mode, impl) for spec in module.LAYERS for mode in ("eval", "train fwd")
                            for impl in ("eager", "fused")}
     for key, r in layers.items():
@@ -21,6 +22,8 @@ def test_conv_bench_tiny(tmp_path, load_bench):
         assert r["speedup_vs_eager"] > 0
     layer4 = layers[("layer4.conv2 3x3 d4", "eval", "fused")]
     assert layer4["dilation"] == 4 and layer4["tflops"] == 2 * 9 * 9 * 512 * 512 * 9 / (layer4["median_ms"] * 1e-3) / 1e12
+    steps = {r["impl"]: r for r in rows if r["case"] == "PSPNet-50 train step"}
+    assert set(steps) == {"pspnet50_fused", "pspnet50_eager"} and steps["pspnet50_eager"]["speedup_vs_eager"] == 1.0
     models = {r["impl"]: r for r in rows if r["case"] == "PSPNet-50 eval forward"}
     assert set(models) == {"pspnet50_fused", "pspnet50_eager"}
     assert models["pspnet50_eager"]["speedup_vs_eager"] == 1.0
