@@ -84,7 +84,8 @@ class TrainConfig:
     """ImageNet ResNet weights for the backbone of a fresh run (semseg's ``resnet50_v2.pth`` format with
     ``deep_stem``, torchvision's without); None = random init. Ignored on resume."""
     fused: bool = True
-    """Use the fused pyramid-pooling kernels (False = the plain PyTorch PPM)."""
+    """Use the fused ops: pyramid pooling, the concat-free head, and the backbone's conv + BN + ReLU (folded in
+    eval; fused training ops on GPU). False = semseg's module-by-module PyTorch model."""
     channels_last: bool = True
     """Run the model and its inputs in channels_last (NHWC) memory format: oneDNN's fast layout on CPU
     (about 9 % faster per training step on the 2-core CPU at batch 8, 180x240)."""
