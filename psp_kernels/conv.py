@@ -105,8 +105,8 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = T
         residual: [N, O, Ho, Wo] added before the ReLU, or None.
     Returns:
         [N, O, Ho, Wo] in x's dtype (under autocast: its dtype, as conv2d) and, on the fused path, x's memory
-        format. The folded weights are cached
-        while no gradient is needed (e.g. under ``torch.no_grad``); with gradients they are folded per call.
+        format. The folded weights are cached while no gradient is needed (e.g. under ``torch.no_grad``);
+        with gradients, and under ``torch.compile`` (which folds constants itself), they are folded per call.
 
     Source: semseg ``model/resnet.py`` (``Bottleneck.forward``: conv, bn, relu, ``out += residual``).
     """
@@ -122,7 +122,7 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = T
         return F.relu(y) if relu else y
     x = _autocast_input(x)
     params = [p for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None]
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         weight, bias = fold_bn(conv, bn)
     else:
         weight, bias = _cached_fold(conv, bn)

@@ -322,3 +322,14 @@ def test_conv_bn_act_trains_fused_on_cuda_like_the_modules():
     assert nerr(out, ref.double()) <= 1e-5
     torch.testing.assert_close(bn.running_mean, twin_bn.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bn.running_var, twin_bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_bn_act_compiles_fullgraph():
+    """Eval-mode folding under torch.compile(fullgraph=True): the fold is traced (no cache lookups) and the op
+    runs through its fake kernel; the result matches eager."""
+    conv, bn = make_pair(8, 6, 3, 1, 2, 2, dtype=torch.float32)
+    conv.eval(), bn.eval()
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(lambda t: conv_bn_act(t, conv, bn), fullgraph=True)
+    with torch.no_grad():
+        assert nerr(compiled(x), torch.relu(bn(conv(x))).double()) <= 1e-6
