@@ -107,6 +107,12 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output extent of a convolution along one axis (zero padding): ``(size + 2 padding - dilation (kernel - 1)
+    - 1) // stride + 1``, as ``torch.nn.Conv2d``."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def split_bins(packed: torch.Tensor, bins: Sequence[int]) -> list[torch.Tensor]:
     """Views [N, C, b, b] of each bin of a packed [N, C, S] tensor, in ``bins`` order."""
     n, c, _ = packed.shape

@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
+from .. import reference
 from ..backends import resolve_for
+from ..geometry import conv_output_size, is_channels_last
 from ._checks import check_tensor
 from .projection import update_running_stats
 
@@ -27,18 +29,14 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], r
     return backend.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu)
 
 
-def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-
-
 @_conv.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, relu):
     n, _, h, w = x.shape
     o, _, kh, kw = weight.shape
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    return torch.empty(n, o, _out_size(h, kh, stride, padding, dilation), _out_size(w, kw, stride, padding, dilation),
-                       dtype=x.dtype, device=x.device, memory_format=fmt)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty(n, o, conv_output_size(h, kh, stride, padding, dilation),
+                       conv_output_size(w, kw, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                       memory_format=fmt)
 
 
 @torch.library.custom_op("psp::conv_bias_act_backward", mutates_args=())
@@ -46,7 +44,6 @@ def _conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                    padding: int, dilation: int, relu: bool, mask: list[bool]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_weight, grad_bias, grad_residual); the entries ``mask`` leaves out are empty."""
-    from .. import reference
     grads = reference.conv_bias_act_backward(grad_out, x, weight, out, stride, padding, dilation, relu, mask)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -91,7 +88,8 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         relu: apply ReLU last (NaN-propagating, as ``torch.relu``).
 
     Returns:
-        [N, O, Ho, Wo] in x's dtype and memory format, ``Ho = (H + 2 padding - dilation (k - 1) - 1) // stride + 1``.
+        [N, O, Ho, Wo] in x's dtype and memory format, ``Ho = (H + 2 padding - dilation (k - 1) - 1) // stride + 1``
+        (``geometry.conv_output_size``).
         Accumulation in fp32 (fp64 for fp64). Differentiable w.r.t. x, weight, bias and residual (ATen's
         convolution backward); bitwise deterministic forward.
 
@@ -104,8 +102,9 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _conv(x, weight, bias, residual, stride, padding, dilation, relu)
 
 
-def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> None:
-    """The argument checks shared by :func:`conv_bias_act` and :func:`conv_bn_act_train`."""
+def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> tuple[int, int]:
+    """The argument checks shared by :func:`conv_bias_act` and :func:`conv_bn_act_train`; returns the output
+    size (Ho, Wo)."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4, x.device)
     n, c, h, w = x.shape
@@ -115,7 +114,7 @@ def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> None:
     for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(w, kw, stride, padding, dilation)
+    ho, wo = conv_output_size(h, kh, stride, padding, dilation), conv_output_size(w, kw, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(f"the {kh}x{kw} kernel (dilation {dilation}, padding {padding}) does not fit x of size "
                          f"{h}x{w}")
@@ -129,6 +128,7 @@ def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> None:
             raise ValueError(f"residual must have shape {(n, o, ho, wo)}, got {tuple(residual.shape)}")
     if x.dtype == torch.float64 and weight.dtype != torch.float64:
         raise TypeError(f"weight must be float64 for float64 x, got {weight.dtype}")
+    return ho, wo
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,15 +215,14 @@ def conv_bn_act_train(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Te
 
     Source: issue "dilated-convolution kernels" (training); semseg ``model/resnet.py`` (conv, bn, relu).
     """
-    _check_conv(x, weight, None, residual, stride, padding, dilation)
+    ho, wo = _check_conv(x, weight, None, residual, stride, padding, dilation)
     o = weight.shape[0]
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         check_tensor(t, name, 1, x.device)
         if t.shape[0] != o:
             raise ValueError(f"{name} must have shape ({o},), got {tuple(t.shape)}")
-    count = x.shape[0] * _out_size(x.shape[2], weight.shape[2], stride, padding, dilation) * _out_size(
-        x.shape[3], weight.shape[3], stride, padding, dilation)
+    count = x.shape[0] * ho * wo
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} for x of shape "
                          f"{tuple(x.shape)}")

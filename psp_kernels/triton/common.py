@@ -1,5 +1,6 @@
 """Helpers shared by the Triton launchers and kernels: dtype maps, interpreter detection, block sizes,
-:class:`CompileConfig` (the compile-only test's specialisations), and the kernels' common prologues."""
+:class:`CompileConfig` (the compile-only test's specialisations), the kernels' common prologues, the
+BatchNorm vectors and the ordered row sum shared by the head's and the backbone convs' BatchNorm passes."""
 
 from __future__ import annotations
 
@@ -77,6 +78,44 @@ def inv_std(var, eps, ACC_DTYPE: tl.constexpr):
         return 1.0 / tl.sqrt(var + eps)
     else:
         return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
+def channel_invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.constexpr):
+    """1 / sqrt(var + eps) of a channel block (eps passed as two fp32 halves, see :func:`eps_args`)."""
+    eps = tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
+    return inv_std(tl.load(var_ptr + offs_o, mask=mask_o, other=1.0), eps, ACC_DTYPE)
+
+
+@triton.jit
+def bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.constexpr):
+    """(invstd, scale, shift, mean) of the channel block: BatchNorm as ``z * scale + shift``."""
+    invstd = channel_invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE)
+    gamma = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0)
+    beta = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0)
+    mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
+    scale = gamma * invstd
+    return invstd, scale, beta - mean * scale, mean
+
+
+BLOCK_ROWS = 64      # partial rows per step of the ordered reductions
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, ROWS, O, BLOCK_O: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr):
+    """out[j, o] = sum over rows of part[j, rows, o] (j = 0, 1), in row-block order (the BatchNorm
+    backward sums of the head and the backbone convs)."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O
+    j = tl.program_id(1)
+    acc = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for r0 in range(0, ROWS, BLOCK_ROWS):
+        offs_r = r0 + tl.arange(0, BLOCK_ROWS)
+        mask = (offs_r < ROWS)[:, None] & mask_o[None, :]
+        acc += tl.sum(tl.load(part_ptr + (j * ROWS + offs_r[:, None]).to(tl.int64) * O + offs_o[None, :],
+                              mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + j * O + offs_o, acc, mask=mask_o)
 
 
 @dataclass(frozen=True)

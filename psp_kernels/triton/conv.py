@@ -1,4 +1,6 @@
-"""Implicit-GEMM convolution with the inference epilogue: ``relu?(conv2d(x, w) + bias + residual?)``.
+"""Implicit-GEMM convolution with the inference epilogue, ``relu?(conv2d(x, w) + bias + residual?)``, and the
+training path built on it (per-tile BatchNorm statistics in the conv's epilogue, an ordered merge, one
+BatchNorm + residual + ReLU pass; the BatchNorm + ReLU backward in two passes).
 
 GEMM view: M = N * Ho * Wo output pixels, N_gemm = O output channels, K = kh * kw * C. One program owns a
 BLOCK_M x BLOCK_N output tile; it loops over the kh * kw taps and, per tap, over C in BLOCK_K slices: the A
@@ -19,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import SIG_DTYPE, CompileConfig, acc_dtype, acc_tl, dot_upcast, eps_args, inv_std, relu_nan
-from .head import BLOCK_ROWS, _sum_rows_kernel
+from ..geometry import conv_output_size, is_channels_last
+from .common import (BLOCK_ROWS, SIG_DTYPE, CompileConfig, _sum_rows_kernel, acc_dtype, acc_tl, bn_vectors,
+                     channel_invstd, dot_upcast, eps_args, relu_nan)
 
 GROUP_M = 8
 
@@ -132,23 +135,14 @@ def _at(n_img, ho, wo, offs_o, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
-def _invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.constexpr):
-    """1 / sqrt(var + eps) of a channel block (eps passed as two fp32 halves, see common.eps_args)."""
-    eps = tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
-    return inv_std(tl.load(var_ptr + offs_o, mask=mask_o, other=1.0), eps, ACC_DTYPE)
-
-
-@triton.jit
 def _bn_act_kernel(y_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, O, HO, WO, M, eps_hi, eps_lo,
                    sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """out = relu?((y - mean) * gamma / sqrt(var + eps) + beta + residual?), written in y's layout."""
     n_img, ho, wo, offs_o, mask_m, mask_o = _pixel_tile(O, HO, WO, M, BLOCK_M, BLOCK_O)
     tile = mask_m[:, None] & mask_o[None, :]
-    scale = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0) * _invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo,
-                                                                            ACC_DTYPE)
-    mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
-    shift = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0) - mean * scale
+    _, scale, shift, _ = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo,
+                                    ACC_DTYPE)
     at = _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w)
     z = tl.load(y_ptr + at, mask=tile, other=0.0).to(ACC_DTYPE) * scale[None, :] + shift[None, :]
     if HAS_RES:
@@ -167,7 +161,7 @@ def _masked_grad(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, n_img, ho, wo, offs_o
     if RELU:
         o = tl.load(out_ptr + _at(n_img, ho, wo, offs_o, so_n, so_c, so_h, so_w), mask=tile, other=0.0)
         g = tl.where(o.to(ACC_DTYPE) > 0, g, 0.0)
-    invstd = _invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE)
+    invstd = channel_invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE)
     y = tl.load(y_ptr + _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w), mask=tile, other=0.0).to(ACC_DTYPE)
     xhat = tl.where(tile, (y - tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)[None, :]) * invstd[None, :], 0.0)
     return g, xhat, invstd
@@ -228,9 +222,9 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resi
     ``stats`` (else None). ``out`` is allocated in x's memory format."""
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
-    out = torch.empty(n, o, ho, wo, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    ho, wo = conv_output_size(h, kh, stride, padding, dilation), conv_output_size(w, kw, stride, padding, dilation)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out = torch.empty(n, o, ho, wo, dtype=x.dtype, device=x.device, memory_format=fmt)
     weight = weight.to(x.dtype)
     res = residual if residual is not None else out
     cfg = _blocks(x.dtype, o)
@@ -243,11 +237,6 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resi
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
         GROUP=GROUP_M, ACC_DTYPE=acc_tl(x.dtype), DOT_UPCAST=dot_upcast(x.dtype), **cfg)
     return out, part
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,

@@ -31,26 +31,13 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype
-from .common import CompileConfig, SIG_DTYPE, acc_tl, eps_args, inv_std, pow2, relu_nan
+from .common import (BLOCK_ROWS, CompileConfig, SIG_DTYPE, _sum_rows_kernel, acc_tl, bn_vectors, eps_args, pow2,
+                     relu_nan)
 
 BLOCK_O = 32         # channels per program
 BLOCK_W = 32         # columns per step along the row
-BLOCK_ROWS = 64      # partial rows per step of the merge kernels
 K_PADS = (16, 32, 64, 128)   # K padded to a power of two; semseg's head: K = 36 -> 64
 NUM_WARPS = 4
-
-
-@triton.jit
-def _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo,
-                ACC_DTYPE: tl.constexpr):
-    """(invstd, scale, shift, mean) of the channel block: BatchNorm as ``z * scale + shift``."""
-    gamma = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0)
-    beta = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0)
-    mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
-    var = tl.load(var_ptr + offs_o, mask=mask_o, other=1.0)
-    invstd = inv_std(var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE), ACC_DTYPE)
-    scale = gamma * invstd
-    return invstd, scale, beta - mean * scale, mean
 
 
 @triton.jit
@@ -92,8 +79,8 @@ def _head_fwd_kernel(
     u = tl.load(u_ptr + ((n * O + offs_o).to(tl.int64) * H + h)[:, None] * K + offs_k[None, :],
                 mask=mask_o[:, None] & mask_k[None, :], other=0.0)
     if not TRAINING:
-        invstd, scale, shift, mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
-                                                 eps_hi, eps_lo, ACC_DTYPE)
+        invstd, scale, shift, mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+                                                eps_hi, eps_lo, ACC_DTYPE)
         if tl.program_id(0) == 0:
             tl.store(stat_mean_ptr + offs_o, mean, mask=mask_o)
             tl.store(stat_var_ptr + offs_o, tl.load(var_ptr + offs_o, mask=mask_o), mask=mask_o)
@@ -162,8 +149,8 @@ def _head_norm_kernel(z_ptr, out_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, O,
                       BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Training forward, last pass: out = relu(z * scale + shift) with the batch statistics."""
     n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
-    _invstd, scale, shift, _mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi,
-                                               eps_lo, ACC_DTYPE)
+    _invstd, scale, shift, _mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi,
+                                              eps_lo, ACC_DTYPE)
     base = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
     for w0 in range(0, W, BLOCK_W):
         off, mask, _mask_w = _tile(base, offs_o, w0 + tl.arange(0, BLOCK_W), mask_o, W, s_o, s_w)
@@ -191,8 +178,8 @@ def _head_bwd_sums_kernel(g_ptr, z_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, 
                           BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Per row: sum over w of g' * xhat and of g' -> part [2, N*H, O] (the row's grad_gamma, grad_beta)."""
     n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
-    invstd, scale, shift, mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
-                                             eps_hi, eps_lo, ACC_DTYPE)
+    invstd, scale, shift, mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+                                            eps_hi, eps_lo, ACC_DTYPE)
     gbase = n.to(tl.int64) * sg_n + h.to(tl.int64) * sg_h
     zbase = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
     sum_g = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
@@ -211,22 +198,6 @@ def _head_bwd_sums_kernel(g_ptr, z_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, 
 
 
 @triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, ROWS, O, BLOCK_O: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     ACC_DTYPE: tl.constexpr):
-    """out[j, o] = sum over rows of part[j, rows, o] (j = 0, 1), in row-block order."""
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_o = offs_o < O
-    j = tl.program_id(1)
-    acc = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for r0 in range(0, ROWS, BLOCK_ROWS):
-        offs_r = r0 + tl.arange(0, BLOCK_ROWS)
-        mask = (offs_r < ROWS)[:, None] & mask_o[None, :]
-        acc += tl.sum(tl.load(part_ptr + (j * ROWS + offs_r[:, None]).to(tl.int64) * O + offs_o[None, :],
-                              mask=mask, other=0.0), axis=0)
-    tl.store(out_ptr + j * O + offs_o, acc, mask=mask_o)
-
-
-@triton.jit
 def _head_bwd_kernel(g_ptr, z_ptr, bw_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, sums_ptr,
                      gy_ptr, gu_ptr, O, H, W, K, eps_hi, eps_lo,
                      sg_n, sg_o, sg_h, sg_w, s_n, s_o, s_h, s_w,
@@ -234,8 +205,8 @@ def _head_bwd_kernel(g_ptr, z_ptr, bw_ptr, gamma_ptr, beta_ptr, mean_ptr, var_pt
                      K_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """grad_z of the row's tile -> grad_y (z's strides); grad_u[n, o, h, :] = sum_w grad_z * bw[w, :]."""
     n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
-    invstd, scale, shift, mean = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
-                                             eps_hi, eps_lo, ACC_DTYPE)
+    invstd, scale, shift, mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+                                            eps_hi, eps_lo, ACC_DTYPE)
     if TRAINING:
         count = tl.cast(tl.num_programs(0), ACC_DTYPE) * tl.cast(W, ACC_DTYPE)   # N*H*W
         mean_gx = tl.load(sums_ptr + offs_o, mask=mask_o, other=0.0) / count
