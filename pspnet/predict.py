@@ -22,18 +22,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, checkpoint_config, config_help
+from .data.datasets import read_rgb
 from .engine import load_for_inference
 from .inference import predict
 from .visualize import colorize, overlay, write_rgb_png
 
-__all__ = ["build_parser", "collect_images", "read_rgb", "class_palette", "main"]
+__all__ = ["build_parser", "collect_images", "class_palette", "main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -79,18 +79,6 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file as uint8 RGB [H, W, 3] (grey and alpha images are converted).
-
-    Raises:
-        ValueError: OpenCV cannot decode the file (not an image, or truncated).
-    """
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot decode image {path} (not an image file, or truncated)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def class_palette(state: dict, classes: int) -> np.ndarray:
     """uint8 [classes, 3] colours: the training dataset's (stored by ``pspnet.train``) when they fit,
     else semseg's PASCAL VOC colour map."""
@@ -121,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in tqdm(images, desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True):
         try:
             image = read_rgb(path)
-        except ValueError as e:
+        except RuntimeError as e:
             parser.error(str(e))
         pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), cfg.scales, cfg.flip,
                        IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)

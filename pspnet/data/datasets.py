@@ -32,7 +32,7 @@ import numpy as np
 import torch.utils.data
 
 __all__ = ["ADE20K", "VOC2012", "Cityscapes", "ImageFolderSegmentation", "SegmentationFolder", "DATASETS",
-           "open_dataset"]
+           "open_dataset", "read_rgb", "read_pair"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -51,6 +51,18 @@ def voc_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
+def read_rgb(path) -> np.ndarray:
+    """Decode an image file as uint8 RGB [H, W, 3] (grey and alpha images are converted).
+
+    Raises:
+        RuntimeError: OpenCV cannot decode the file (missing, corrupt or truncated); the message names it.
+    """
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise RuntimeError(f"cannot decode image {path} (missing, corrupt or truncated)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def read_pair(image_path: str, label_path: str, num_classes: int, label_lut: Optional[np.ndarray] = None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Decode one item: (uint8 RGB H x W x 3, uint8 H x W labels mapped through ``label_lut``).
@@ -60,9 +72,7 @@ def read_pair(image_path: str, label_path: str, num_classes: int, label_lut: Opt
         ValueError: a label that is not single-channel 8-bit, differs from the image in size, or holds
             values other than 0..num_classes-1 and 255 (after the mapping); the message names the file.
     """
-    image = cv2.imread(image_path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise RuntimeError(f"cannot decode image {image_path} (missing, corrupt or truncated)")
+    image = read_rgb(image_path)
     label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
     if label is None:
         raise RuntimeError(f"cannot decode label {label_path} (missing, corrupt or truncated)")
@@ -78,7 +88,7 @@ def read_pair(image_path: str, label_path: str, num_classes: int, label_lut: Opt
     if bad.any():
         raise ValueError(f"label {label_path} has values {np.unique(label[bad]).tolist()[:10]} outside "
                          f"0..{num_classes - 1} and {IGNORE_INDEX}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
+    return image, label
 
 
 def _label_lut(mapping: dict[int, int]) -> np.ndarray:
