@@ -108,7 +108,8 @@ class MeasuredChoice:
     the last bits between candidates; within a process a shape class always runs the same one, so repeated
     runs are bitwise identical). A candidate may decline inputs it does not cover by raising
     NotImplementedError (the CUTLASS convolution for fp32): the others are measured without it. During
-    CUDA-graph capture nothing is timed: an unmeasured shape class runs the first candidate that accepts it. ``choices`` maps ``(function, shape class)`` to the chosen name.
+    CUDA-graph capture nothing is timed: an unmeasured shape class runs the first candidate that accepts it.
+    ``choices`` maps ``(function, shape class)`` to the chosen name.
     """
 
     def __init__(self, candidates: dict[str, object]):

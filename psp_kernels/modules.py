@@ -93,8 +93,9 @@ class PyramidPooling(SemsegPPM):
         if not self.fused:
             return torch.cat([f(x).flatten(2) for f in self.features], dim=2)
         if any(syncs_statistics(f[2]) for f in self.features):
-            grids = split_bins(multibin_avg_pool(x, self.bins), self.bins)
-            return torch.cat([f[3](f[2](f[1](p))).flatten(2) for f, p in zip(self.features, grids)], dim=2).to(x.dtype)
+            grids = split_bins(multibin_avg_pool(x, self.bins), self.bins)   # f = (pool, conv, BN, ReLU)
+            branches = [f[3](f[2](f[1](p))).flatten(2) for f, p in zip(self.features, grids)]
+            return torch.cat(branches, dim=2).to(x.dtype)
         lists, kwargs = self._branch_params()
         return project_bn_relu(multibin_avg_pool(x, self.bins), *lists, **kwargs)
 

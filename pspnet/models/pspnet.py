@@ -78,9 +78,9 @@ class PSPNet(nn.Module):
             semseg: 0.4). Not used inside the model. Must be >= 0.
         fused: the fused PPM kernels (:class:`psp_kernels.PyramidPooling`) and the concat-free head
             (:func:`psp_kernels.head.concat_free_head`: ``cls.0``-``cls.2`` without the 2C-channel concat);
-            and, in eval mode, the backbone's conv + BN (+ residual) + ReLU as one op each with BN folded into
-            the conv (:mod:`psp_kernels.conv`); ``False`` runs semseg's module math for all of them. Same
-            parameters and results either way.
+            and the backbone's conv + BN (+ residual) + ReLU as one op each (:mod:`psp_kernels.conv`: BN folded
+            into the conv in eval mode, the fused training ops on GPU); ``False`` runs semseg's module math for
+            all of them. Same parameters and results either way.
         criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
             ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
         deep_stem: semseg's 3x3 deep stem (default); ``False``: torchvision's 7x7 stem (``layer0`` =
