@@ -1,4 +1,7 @@
-"""Builds psp_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA.
+"""Builds psp_kernels/_C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA.
+
+The library has no Python bindings: ``import psp_kernels`` loads it with ``torch.ops.load_library`` and its
+kernels register themselves with the dispatcher (``TORCH_LIBRARY_IMPL(psp_native, CPU | CUDA, m)``).
 
 Use ``pip install --no-build-isolation -e .`` (no build isolation: reuse the installed torch instead of
 letting pip fetch another one). ninja compiles the sources in parallel and incrementally.
@@ -20,7 +23,7 @@ def _sources(pattern: str) -> list[str]:
 
 # nvcc flags of the CUDA kernels (csrc/cuda/*.cu): cubins for A100 (sm_80) and H100/H200 (sm_90), plus
 # sm_90 PTX so that newer GPUs can JIT it. Passing -gencode stops torch from adding its own arch flags.
-NVCC_FLAGS = ["-O3", "-lineinfo", "-DPSP_WITH_CUDA",
+NVCC_FLAGS = ["-O3", "-lineinfo",
               "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
@@ -37,15 +40,15 @@ def cutlass_include() -> str:
 
 
 def extension():
-    sources = _sources("csrc/cpu/*.cpp") + ["csrc/bindings.cpp"]
+    sources = _sources("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") if torch.version.cuda else []
     if cuda_sources:
-        return CUDAExtension("psp_kernels._C", sources + cuda_sources,
-                             include_dirs=[cutlass_include()],
-                             extra_compile_args={"cxx": cxx + ["-DPSP_WITH_CUDA"], "nvcc": NVCC_FLAGS},
-                             extra_link_args=["-fopenmp"])
-    return CppExtension("psp_kernels._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+        return CUDAExtension("psp_kernels._C", sources + cuda_sources, include_dirs=[cutlass_include()],
+                             extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"],
+                             py_limited_api=True)
+    return CppExtension("psp_kernels._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],
+                        py_limited_api=True)
 
 
 setup(

@@ -126,7 +126,7 @@ def shifted_interpolation(out_size: int, in_size: int, kernel: int, padding: int
     Row ``t`` of tap ``k`` is row ``t + k*dilation - padding`` of ``interpolation_matrix(out_size, in_size)``
     (align_corners=True), or **zero** when that position falls outside ``[0, out_size)``: the conv's zero
     padding of the upsampled map, not an extrapolated or clamped row. With it, a conv of an upsampled
-    b x b map is ``sum_taps B_ky (W_tap p) B_kx^T`` at bin resolution (performance.md §2).
+    b x b map is ``sum_taps B_ky (W_tap p) B_kx^T`` at bin resolution (docs/concat_free_head.md).
     """
     a = interpolation_matrix(out_size, in_size, dtype, device)
     out = a.new_zeros(kernel, out_size, in_size)
@@ -136,16 +136,3 @@ def shifted_interpolation(out_size: int, in_size: int, kernel: int, padding: int
         if lo < hi:
             out[k, lo:hi] = a[lo + off:hi + off]
     return out
-
-
-_DEVICE_TABLES: dict = {}
-
-
-def cached_table(key: tuple, make):
-    """``make()`` once per key (which names the device): small constant tables (the Triton launchers'
-    lookup tables, the head's interpolation matrices) then cost no construction or host-to-device copy
-    after the first call, so a CUDA-graph capture after a warm-up call copies nothing."""
-    hit = _DEVICE_TABLES.get(key)
-    if hit is None:
-        hit = _DEVICE_TABLES[key] = make()
-    return hit

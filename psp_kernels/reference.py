@@ -1,17 +1,18 @@
-"""Pure-PyTorch oracle: semseg's pyramid pooling math, and the backend interface every kernel implements.
+"""The pure-PyTorch oracle: the math of every ``psp::`` kernel op, from semseg's definitions, in PyTorch ops.
 
-Every backend (this module, ``psp_kernels.triton``, the compiled ``psp_kernels._C``) provides the same
-six functions with the same arguments and results, and the three fused-pass variants at the end of this
-module (``pool_concat_forward``, ``upsample_into``, ``pool_backward_add``, used by the whole-PPM op); all
-but the CUDA C++ backend also provide the concat-free head's epilogue (``head_forward``, ``head_backward``).
-``psp_kernels.ops`` calls them through ``psp_kernels.backends``. Layout conventions (see ``psp_kernels.geometry``):
+One function per kernel op, named as the op and with its schema (the ``reference`` candidate of
+:data:`psp_kernels.dispatch.KERNEL_TABLE`, and the ops' default on other devices). Every kernel (C++,
+CUDA C++, Triton) is tested against these functions in fp64, and these against semseg's modules.
+Layout conventions (see ``psp_kernels.geometry``):
 
-- ``pooled`` [N, C, S] and ``branches`` [N, R, S]: bins packed along the last dim, contiguous,
-  dtype of x. ``z``, ``mean``, ``var`` are in the accumulation dtype (fp64 for fp64, else fp32).
-- ``weights[k]`` [R, C, 1, 1] is bin k's 1x1 conv; ``gammas``/``betas``/``running_*`` [R] its BN.
-  Parameters may be x's dtype or fp32; math runs in the accumulation dtype.
+- ``pooled`` [N, C, S] and ``branches`` [N, R, S]: bins packed along the last dim, contiguous, dtype of x.
+  ``bn_input``, ``mean``, ``var`` are in the accumulation dtype (fp64 for fp64, else fp32).
+- ``conv_weights[k]`` [R, C, 1, 1] is bin k's 1x1 reduction conv; ``bn_weights``/``bn_biases``/``running_*``
+  [R] its BatchNorm. Parameters may be x's dtype or fp32; math runs in the accumulation dtype.
 
-Source: hszhao/semseg ``model/pspnet.py`` (``PPM``); Zhao et al., CVPR 2017, Sec. 3.2.
+:class:`SemsegPPM` is semseg's PPM module itself, built from stock modules: the oracle of the fused module.
+
+Source: hszhao/semseg ``model/pspnet.py`` (``PPM``), ``model/resnet.py``; Zhao et al., CVPR 2017, Sec. 3.2.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def pool_forward(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+def multibin_avg_pool(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
     """Adaptive average pooling of x [N, C, H, W] to every bin; returns packed pooled [N, C, S]."""
     xa = x.to(acc_dtype(x.dtype))
     return torch.cat([F.adaptive_avg_pool2d(xa, b).flatten(2) for b in bins], dim=2).to(x.dtype)
 
 
-def pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
+def multibin_avg_pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
                   channels_last: bool) -> torch.Tensor:
-    """Gradient of :func:`pool_forward`: grad_x [N, C, H, W] = sum_b P_h^T g_b P_w (P: pooling matrix)."""
+    """Gradient of :func:`multibin_avg_pool`: grad_x [N, C, H, W] = sum_b P_h^T g_b P_w (P: pooling matrix)."""
     n, c, _ = grad_pooled.shape
     dt = acc_dtype(grad_pooled.dtype)
     g = grad_pooled.to(dt)
@@ -54,18 +55,19 @@ def _bin_slices(bins: Sequence[int]):
     return [(k, off, b * b) for k, (b, off) in enumerate(zip(bins, bin_offsets(bins)))]
 
 
-def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor],
-                    betas: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
-                    running_vars: Sequence[torch.Tensor], bins: Sequence[int], training: bool, eps: float):
-    """Per bin: 1x1 conv (no bias) + BatchNorm + ReLU on the packed pooled tensor.
+def reduction_conv_bn_relu(pooled: torch.Tensor, conv_weights: Sequence[torch.Tensor],
+                           bn_weights: Sequence[torch.Tensor], bn_biases: Sequence[torch.Tensor],
+                           running_means: Sequence[torch.Tensor], running_vars: Sequence[torch.Tensor],
+                           bins: Sequence[int], training: bool, eps: float):
+    """Per bin: 1x1 reduction conv (no bias) + BatchNorm + ReLU on the packed pooled tensor.
 
-    Returns ``(out [N, R, S] pooled.dtype, z [N, R, S] acc, mean [nb, R] acc, var [nb, R] acc)``: z is the
-    conv output, mean/var the statistics used to normalise (batch statistics, biased var, in training;
-    the running statistics in eval). Running statistics are not modified here.
+    Returns ``(out [N, R, S] pooled.dtype, bn_input [N, R, S] acc, mean [nb, R] acc, var [nb, R] acc)``:
+    bn_input is the conv output, mean/var the statistics used to normalise (batch statistics, biased var,
+    in training; the running statistics in eval). Running statistics are not modified here.
     """
     dt = acc_dtype(pooled.dtype)
     p = pooled.to(dt)
-    z = torch.cat([torch.einsum("rc,ncs->nrs", weights[k].to(dt).flatten(1), p[:, :, off:off + s])
+    z = torch.cat([torch.einsum("rc,ncs->nrs", conv_weights[k].to(dt).flatten(1), p[:, :, off:off + s])
                    for k, off, s in _bin_slices(bins)], dim=2)
     if training:
         zs = [z[:, :, off:off + s] for _, off, s in _bin_slices(bins)]
@@ -74,7 +76,7 @@ def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gamma
     else:
         mean = torch.stack([m.to(dt) for m in running_means])
         var = torch.stack([v.to(dt) for v in running_vars])
-    y = _normalize(z, mean, var, gammas, betas, bins, eps)
+    y = _normalize(z, mean, var, bn_weights, bn_biases, bins, eps)
     return torch.relu(y).to(pooled.dtype), z, mean, var
 
 
@@ -83,50 +85,52 @@ def _per_cell(stat: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
     return torch.cat([stat[k, :, None].expand(-1, s) for k, _, s in _bin_slices(bins)], dim=1)
 
 
-def _normalize(z, mean, var, gammas, betas, bins, eps):
+def _normalize(z, mean, var, bn_weights, bn_biases, bins, eps):
     dt = z.dtype
-    gamma = torch.stack([g.to(dt) for g in gammas])
-    beta = torch.stack([b.to(dt) for b in betas])
-    scale = gamma * torch.rsqrt(var + eps)
-    return z * _per_cell(scale, bins) + _per_cell(beta - mean * scale, bins)
+    bn_weight = torch.stack([g.to(dt) for g in bn_weights])
+    bn_bias = torch.stack([b.to(dt) for b in bn_biases])
+    scale = bn_weight * torch.rsqrt(var + eps)
+    return z * _per_cell(scale, bins) + _per_cell(bn_bias - mean * scale, bins)
 
 
-def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor,
-                     weights: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor],
-                     betas: Sequence[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-                     bins: Sequence[int], training: bool, eps: float):
-    """Gradient of :func:`project_forward` w.r.t. pooled, the conv weights and BN gamma/beta.
+def reduction_conv_bn_relu_backward(grad_out: torch.Tensor, pooled: torch.Tensor, bn_input: torch.Tensor,
+                                    conv_weights: Sequence[torch.Tensor], bn_weights: Sequence[torch.Tensor],
+                                    bn_biases: Sequence[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                                    bins: Sequence[int], training: bool, eps: float):
+    """Gradient of :func:`reduction_conv_bn_relu` w.r.t. pooled, the conv weights, bn_weights and bn_biases.
 
-    Returns ``(grad_pooled [N, C, S] pooled.dtype, [grad_w_k [R, C, 1, 1]], [grad_gamma_k [R]],
-    [grad_beta_k [R]])``, parameter gradients in the accumulation dtype. In training mode the
+    Returns ``(grad_pooled [N, C, S] pooled.dtype, grad_conv_weights [nb, R, C], grad_bn_weights [nb, R],
+    grad_bn_biases [nb, R])``, the parameter gradients in the accumulation dtype. In training mode the
     gradient flows through the batch statistics (as ``nn.BatchNorm2d``); in eval mode it does not.
     """
+    z = bn_input
     dt = z.dtype
     p = pooled.to(dt)
-    y = _normalize(z, mean, var, gammas, betas, bins, eps)
+    y = _normalize(z, mean, var, bn_weights, bn_biases, bins, eps)
     g = grad_out.to(dt) * (y > 0)
     invstd = torch.rsqrt(var + eps)
-    grad_p, grad_w, grad_gamma, grad_beta = [], [], [], []
+    grad_p, grad_w, grad_bn_weight, grad_bn_bias = [], [], [], []
     for k, off, s in _bin_slices(bins):
         gk, zk = g[:, :, off:off + s], z[:, :, off:off + s]
         xhat = (zk - mean[k, None, :, None]) * invstd[k, None, :, None]
-        dbeta = gk.sum(dim=(0, 2))
-        dgamma = (gk * xhat).sum(dim=(0, 2))
-        gam = gammas[k].to(dt)[None, :, None]
+        dbn_bias = gk.sum(dim=(0, 2))
+        dbn_weight = (gk * xhat).sum(dim=(0, 2))
+        gam = bn_weights[k].to(dt)[None, :, None]
         if training:
             m = gk.shape[0] * s
-            dz = gam * invstd[k, None, :, None] * (gk - dbeta[None, :, None] / m - xhat * dgamma[None, :, None] / m)
+            dz = gam * invstd[k, None, :, None] * (gk - dbn_bias[None, :, None] / m - xhat * dbn_weight[None, :, None] / m)
         else:
             dz = gk * gam * invstd[k, None, :, None]
-        w = weights[k].to(dt).flatten(1)
+        w = conv_weights[k].to(dt).flatten(1)
         grad_p.append(torch.einsum("rc,nrs->ncs", w, dz))
-        grad_w.append(torch.einsum("nrs,ncs->rc", dz, p[:, :, off:off + s]).reshape(weights[k].shape))
-        grad_gamma.append(dgamma)
-        grad_beta.append(dbeta)
-    return torch.cat(grad_p, dim=2).to(pooled.dtype), grad_w, grad_gamma, grad_beta
+        grad_w.append(torch.einsum("nrs,ncs->rc", dz, p[:, :, off:off + s]))
+        grad_bn_weight.append(dbn_weight)
+        grad_bn_bias.append(dbn_bias)
+    return (torch.cat(grad_p, dim=2).to(pooled.dtype), torch.stack(grad_w), torch.stack(grad_bn_weight),
+            torch.stack(grad_bn_bias))
 
 
-def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
     """Concat [N, C + nb*R, H, W] of x and every branch upsampled bilinearly (align_corners=True).
 
     Channel order is x, then bins in order (semseg). The result has x's memory format and dtype.
@@ -142,8 +146,8 @@ def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int
     return torch.cat(outs, dim=1).contiguous(memory_format=_memory_format(is_channels_last(x)))
 
 
-def upsample_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:
-    """Gradient of :func:`upsample_forward` w.r.t. the packed branches: [N, R, S], grad_out's dtype.
+def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:
+    """Gradient of :func:`upsample_concat` w.r.t. the packed branches: [N, R, S], grad_out's dtype.
 
     ``channels`` is C, the number of pass-through channels of x at the front of grad_out.
     Per bin: ``A_h^T g A_w`` with A the interpolation matrix (a gather, deterministic).
@@ -167,8 +171,8 @@ def upsample_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int
 # the pass-through gradient in the same pass (3P backward instead of 5P).
 # --------------------------------------------------------------------------------------------------
 
-def pool_concat_forward(x: torch.Tensor, bins: Sequence[int], total_channels: int):
-    """:func:`pool_forward` that also allocates the concat buffer and copies x into its first C channels.
+def multibin_avg_pool_with_concat(x: torch.Tensor, bins: Sequence[int], total_channels: int):
+    """:func:`multibin_avg_pool` that also allocates the concat buffer and copies x into its first C channels.
 
     Returns ``(pooled [N, C, S], concat [N, total_channels, H, W])``: concat has x's dtype and memory
     format, ``concat[:, :C] == x``, and channels ``[C, total_channels)`` are uninitialised.
@@ -177,7 +181,7 @@ def pool_concat_forward(x: torch.Tensor, bins: Sequence[int], total_channels: in
     concat = torch.empty(n, total_channels, h, w, dtype=x.dtype, device=x.device,
                          memory_format=_memory_format(is_channels_last(x)))
     concat[:, :c].copy_(x)
-    return pool_forward(x, bins), concat
+    return multibin_avg_pool(x, bins), concat
 
 
 def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], channels: int) -> None:
@@ -195,9 +199,9 @@ def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[i
             pb, size=size, mode="bilinear", align_corners=True)
 
 
-def pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: torch.Tensor,
+def multibin_avg_pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: torch.Tensor,
                       channels_last: bool) -> torch.Tensor:
-    """``residual + pool_backward(grad_pooled, ...)``: grad of x when x also passes through to the output.
+    """``residual + multibin_avg_pool_backward(grad_pooled, ...)``: grad of x when x also passes through to the output.
 
     ``residual`` [N, C, H, W] is the pass-through gradient, typically the channel slice
     ``grad_concat[:, :C]`` (a view: any strides with ``stride(h) == W * stride(w)``). The sum is formed
@@ -205,40 +209,44 @@ def pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: 
     """
     _, _, h, w = residual.shape
     dt = acc_dtype(grad_pooled.dtype)
-    grad = pool_backward(grad_pooled.to(dt), bins, h, w, channels_last) + residual.to(dt)
+    grad = multibin_avg_pool_backward(grad_pooled.to(dt), bins, h, w, channels_last) + residual.to(dt)
     return grad.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
 
 
 # --------------------------------------------------------------------------------------------------
-# The concat-free head's epilogue (``psp::head_bn_relu``, psp_kernels/head.py): the branch term's last
-# interpolation (along W), its add to the x-half conv output, BatchNorm and ReLU. The branch term is
-# ``u @ bw^T`` per (n, o, h) row: ``u`` [N, O, H, K] is the tap-mixed branches already interpolated along H
-# and ``bw`` [W, K] every (tap column, bin column)'s shifted interpolation weight, K = kw * sum(bins).
+# The concat-free head's epilogue (``psp::add_branch_bn_relu``, psp_kernels/nn/head.py): the branch term's
+# last interpolation (along W), its add to the x-half conv output, BatchNorm and ReLU. The branch term is
+# ``branch_rows @ width_interp^T`` per (n, o, h) row: ``branch_rows`` [N, O, H, K] is the tap-mixed branches
+# already interpolated along H and ``width_interp`` [W, K] every (tap column, bin column)'s shifted
+# interpolation weight, K = kw * sum(bins).
 # --------------------------------------------------------------------------------------------------
 
-def _bn_scale_shift(gamma, beta, mean, var, eps):
+def _bn_scale_shift(bn_weight, bn_bias, mean, var, eps):
     """BatchNorm as ``z * scale + shift`` (the same affine map as csrc/bn_affine.h)."""
     invstd = torch.rsqrt(var + eps)
-    scale = gamma.to(var.dtype) * invstd
-    return invstd, scale, beta.to(var.dtype) - mean * scale
+    scale = bn_weight.to(var.dtype) * invstd
+    return invstd, scale, bn_bias.to(var.dtype) - mean * scale
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v[None, :, None, None]
 
 
-def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float,
-                 keep_z: bool):
-    """``relu(bn(y + u @ bw^T))`` with the statistics it used; returns ``(out, z, mean, var)``.
+def add_branch_bn_relu(conv_out: torch.Tensor, branch_rows: torch.Tensor, width_interp: torch.Tensor,
+                       bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+                       running_var: torch.Tensor, training: bool, eps: float, keep_bn_input: bool):
+    """``relu(bn(conv_out + branch_rows @ width_interp^T))`` with the statistics it used; returns
+    ``(out, bn_input, mean, var)``.
 
-    ``y`` [N, O, H, W] (NCHW or channels_last); ``u`` [N, O, H, K] and ``bw`` [W, K] contiguous, in the
-    accumulation dtype; ``gamma``/``beta``/``running_*`` [O], y's dtype or fp32. ``z = y + u @ bw^T``
-    rounded to y's dtype: the tensor BatchNorm sees (its statistics in training, as ``nn.BatchNorm2d`` on
-    the rounded sum). ``out`` and ``z`` have y's dtype and memory format; ``z`` is empty ([0]) unless
-    ``keep_z`` or ``training``. ``mean``/``var`` [O], accumulation dtype: the batch statistics (biased
-    variance) in training, the running ones otherwise.
+    ``conv_out`` [N, O, H, W] (NCHW or channels_last); ``branch_rows`` [N, O, H, K] and ``width_interp``
+    [W, K] contiguous, in the accumulation dtype; ``bn_weight``/``bn_bias``/``running_*`` [O], conv_out's dtype
+    or fp32. ``bn_input = conv_out + branch_rows @ width_interp^T`` rounded to conv_out's dtype: the tensor
+    BatchNorm sees (its statistics in training, as ``nn.BatchNorm2d`` on the rounded sum). ``out`` and
+    ``bn_input`` have conv_out's dtype and memory format; ``bn_input`` is empty ([0]) unless ``keep_bn_input``
+    or ``training``. ``mean``/``var`` [O], accumulation dtype: the batch statistics (biased variance) in
+    training, the running ones otherwise.
     """
+    y, u, bw = conv_out, branch_rows, width_interp
     acc = acc_dtype(y.dtype)
     fmt = _memory_format(is_channels_last(y))
     z = (y.to(acc) + torch.matmul(u, bw.t())).to(y.dtype).contiguous(memory_format=fmt)
@@ -247,41 +255,43 @@ def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torc
         var, mean = torch.var_mean(zf, dim=(0, 2, 3), unbiased=False)
     else:
         mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-    _, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    _, scale, shift = _bn_scale_shift(bn_weight, bn_bias, mean, var, eps)
     out = torch.relu(zf * _per_channel(scale) + _per_channel(shift)).to(y.dtype).contiguous(memory_format=fmt)
-    return out, (z if keep_z or training else z.new_empty(0)), mean, var
+    return out, (z if keep_bn_input or training else z.new_empty(0)), mean, var
 
 
-def head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor,
-                  beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float):
-    """Gradient of :func:`head_forward`; returns ``(grad_y, grad_u, grad_bn)``.
+def add_branch_bn_relu_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, width_interp: torch.Tensor,
+                                bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                                training: bool, eps: float):
+    """Gradient of :func:`add_branch_bn_relu`; returns ``(grad_conv_out, grad_branch_rows, grad_bn)``.
 
-    ``grad_out`` [N, O, H, W] any layout; ``z`` the forward's. ``grad_y`` has z's dtype and memory format
-    (it is also the gradient of z); ``grad_u = grad_z @ bw`` [N, O, H, K] and ``grad_bn`` [2, O] (the
-    gradients of gamma, then beta: one tensor, as a custom op may not return views of one buffer) are in
-    the accumulation dtype, formed from the unrounded ``grad_z``. The ReLU mask is
-    ``z * scale + shift > 0``, the forward's pre-activation. In training ``grad_z`` is BatchNorm's
-    batch-statistics gradient, otherwise ``grad_z = scale * grad``.
+    ``grad_out`` [N, O, H, W] any layout; ``bn_input`` the forward's. ``grad_conv_out`` has bn_input's dtype
+    and memory format (it is also the gradient of bn_input); ``grad_branch_rows = grad_z @ width_interp``
+    [N, O, H, K] and ``grad_bn`` [2, O] (the gradients of bn_weight, then bn_bias: one tensor, as a custom op
+    may not return views of one buffer) are in the accumulation dtype, formed from the unrounded gradient
+    ``grad_z`` of bn_input. The ReLU mask is ``bn_input * scale + shift > 0``, the forward's pre-activation.
+    In training ``grad_z`` is BatchNorm's batch-statistics gradient, otherwise ``grad_z = scale * grad``.
     """
+    z, bw = bn_input, width_interp
     acc = acc_dtype(z.dtype)
     zf = z.to(acc)
-    _, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    _, scale, shift = _bn_scale_shift(bn_weight, bn_bias, mean, var, eps)
     mask = zf * _per_channel(scale) + _per_channel(shift) > 0
-    grad_z, grad_bn = _bn_backward(torch.where(mask, grad_out.to(acc), 0), zf, gamma, beta, mean, var, training, eps)
+    grad_z, grad_bn = _bn_backward(torch.where(mask, grad_out.to(acc), 0), zf, bn_weight, bn_bias, mean, var, training, eps)
     grad_y = grad_z.to(z.dtype).contiguous(memory_format=_memory_format(is_channels_last(z)))
     return grad_y, torch.matmul(grad_z, bw), grad_bn
 
 
-def _bn_backward(g: torch.Tensor, zf: torch.Tensor, gamma, beta, mean, var, training: bool, eps: float):
+def _bn_backward(g: torch.Tensor, zf: torch.Tensor, bn_weight, bn_bias, mean, var, training: bool, eps: float):
     """BatchNorm's backward for the (already ReLU-masked) output gradient ``g`` of input ``zf``, both in the
-    accumulation dtype: ``(grad_z, grad_bn [2, O] = (grad_gamma, grad_beta))``; batch statistics in training."""
-    invstd, scale, _ = _bn_scale_shift(gamma, beta, mean, var, eps)
+    accumulation dtype: ``(grad_z, grad_bn [2, O] = (grad_bn_weight, grad_bn_bias))``; batch statistics in training."""
+    invstd, scale, _ = _bn_scale_shift(bn_weight, bn_bias, mean, var, eps)
     xhat = (zf - _per_channel(mean)) * _per_channel(invstd)
-    grad_beta, grad_gamma = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+    grad_bn_bias, grad_bn_weight = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
     if training:
         count = zf.numel() // zf.shape[1]
-        g = g - _per_channel(grad_beta / count) - xhat * _per_channel(grad_gamma / count)
-    return g * _per_channel(scale), torch.stack((grad_gamma, grad_beta))
+        g = g - _per_channel(grad_bn_bias / count) - xhat * _per_channel(grad_bn_weight / count)
+    return g * _per_channel(scale), torch.stack((grad_bn_weight, grad_bn_bias))
 
 
 class SemsegPPM(nn.Module):
@@ -316,20 +326,20 @@ class SemsegPPM(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Backbone convolution with BatchNorm folded in (inference): ``act(conv2d(x, w, b) + residual)``.
-# ``w`` and ``b`` are the conv weight and BatchNorm scale / shift folded together
-# (``psp_kernels.conv.fold_bn``); the residual is the bottleneck's shortcut. The backward is ATen's
-# convolution backward for every backend.
+# Backbone convolutions. Inference, BatchNorm folded into the conv (``psp_kernels.nn.conv.fold_bn``):
+# ``relu?(conv2d(x, weight, bias) + residual?)``, the residual being the bottleneck's shortcut. Training:
+# ``relu?(batch_norm_train(conv2d(x, weight)) + residual?)`` with the batch statistics returned for the
+# running-statistics update; its backward is the BatchNorm + residual + ReLU part here, then the conv's
+# (psp_kernels/eager.py: ``folded_conv_backward``).
 # --------------------------------------------------------------------------------------------------
 
-def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                  stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
+def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
     """``relu?(conv2d(x, weight, bias, stride, padding, dilation) + residual?)``.
 
     ``x`` [N, C, H, W] (NCHW or channels_last), ``weight`` [O, C, kh, kw], ``bias`` [O] or None, ``residual``
     [N, O, Ho, Wo] or None. Computed in the accumulation dtype (fp32; fp64 for fp64) and rounded once to x's
-    dtype, in x's memory format. On CPU this is the production path: oneDNN's convolution, then the residual
-    add and ReLU in place.
+    dtype, in x's memory format.
     """
     acc = acc_dtype(x.dtype)
     y = F.conv2d(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc), stride, padding, dilation)
@@ -340,57 +350,48 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.to(x.dtype).contiguous(memory_format=_memory_format(is_channels_last(x)))
 
 
-def conv_bias_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                           stride: int, padding: int, dilation: int, relu: bool, mask: Sequence[bool]):
-    """Gradient of :func:`conv_bias_act`; returns ``(grad_x, grad_weight, grad_bias, grad_residual)``, each
-    None where ``mask`` (x, weight, bias, residual) says it is not needed. The ReLU mask is ``out > 0``;
-    ``grad_residual`` is the gradient of the conv's output (in grad_out's dtype), the conv gradients come
-    from ATen's ``convolution_backward``."""
-    grad_z = torch.where(out > 0, grad_out, 0) if relu else grad_out
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_z.to(x.dtype), x, weight.to(x.dtype), [weight.shape[0]] if mask[2] else None, [stride] * 2,
-        [padding] * 2, [dilation] * 2, False, [0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2])])
-    return gx, gw, gb, ((grad_z if relu else grad_z.clone()) if mask[3] else None)
+def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                  residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool, eps: float):
+    """``relu?(bn_train(conv2d(x, weight)) + residual?)``; returns ``(out, bn_input, mean, var)``.
 
-
-# --------------------------------------------------------------------------------------------------
-# Backbone convolution + BatchNorm (batch statistics) + residual + ReLU for training. The conv's output y
-# is stored once; its per-channel statistics come from the conv's epilogue (Triton), then BatchNorm, the
-# residual add and ReLU are one pass. Backward: BatchNorm + ReLU in one op, the conv's in ATen.
-# --------------------------------------------------------------------------------------------------
-
-def conv_bn_train_forward(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                          residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool,
-                          eps: float):
-    """``relu?(bn_train(conv2d(x, weight)) + residual?)``; returns ``(out, y, mean, var)``.
-
-    ``y`` is the conv output rounded to x's dtype (the tensor BatchNorm sees), in x's memory format; ``mean``
-    and ``var`` [O] its batch statistics (biased variance) in the accumulation dtype; ``out`` has x's dtype
-    and memory format. ``gamma``/``beta`` [O], x's dtype or fp32; ``residual`` [N, O, Ho, Wo] or None.
+    ``bn_input`` is the conv output rounded to x's dtype (the tensor BatchNorm sees), in x's memory format;
+    ``mean`` and ``var`` [O] its batch statistics (biased variance) in the accumulation dtype; ``out`` has x's
+    dtype and memory format. ``bn_weight``/``bn_bias`` [O], x's dtype or fp32; ``residual`` [N, O, Ho, Wo] or
+    None. The conv runs in the accumulation dtype.
     """
     acc = acc_dtype(x.dtype)
-    fmt = _memory_format(is_channels_last(x))
-    y = F.conv2d(x.to(acc), weight.to(acc), None, stride, padding, dilation).to(x.dtype).contiguous(memory_format=fmt)
-    yf = y.to(acc)
+    y = F.conv2d(x.to(acc), weight.to(acc), None, stride, padding, dilation).to(x.dtype)
+    return batch_norm_residual_relu(y.contiguous(memory_format=_memory_format(is_channels_last(x))), bn_weight,
+                                    bn_bias, residual, relu, eps)
+
+
+def batch_norm_residual_relu(bn_input: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                             residual: torch.Tensor | None, relu: bool, eps: float):
+    """``relu?(batch_norm_train(bn_input) + residual?)`` of a conv output; returns ``(out, bn_input, mean, var)``
+    as :func:`training_conv` (statistics and math in the accumulation dtype, ``out`` rounded once)."""
+    acc = acc_dtype(bn_input.dtype)
+    yf = bn_input.to(acc)
     var, mean = torch.var_mean(yf, dim=(0, 2, 3), unbiased=False)
-    _, scale, shift = _bn_scale_shift(gamma, beta, mean, var, eps)
+    _, scale, shift = _bn_scale_shift(bn_weight, bn_bias, mean, var, eps)
     z = yf * _per_channel(scale) + _per_channel(shift)
     if residual is not None:
         z = z + residual.to(acc)
-    out = (torch.relu(z) if relu else z).to(x.dtype).contiguous(memory_format=fmt)
-    return out, y, mean, var
+    out = (torch.relu(z) if relu else z).to(bn_input.dtype)
+    return out.contiguous(memory_format=_memory_format(is_channels_last(bn_input))), bn_input, mean, var
 
 
-def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor,
-                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relu: bool, eps: float,
-                    has_residual: bool):
-    """Gradient of the BatchNorm (batch statistics) + residual + ReLU part of :func:`conv_bn_train_forward`;
-    returns ``(grad_y, grad_residual, grad_bn)``: ``grad_y`` in y's dtype and memory format, ``grad_residual``
-    (the ReLU-masked output gradient; empty without a residual) in grad_out's dtype and y's memory format,
-    ``grad_bn`` [2, O] (gamma, beta) in the accumulation dtype. The ReLU mask is ``out > 0``."""
+def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, out: torch.Tensor,
+                              bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                              relu: bool, eps: float, has_residual: bool):
+    """Gradient of the BatchNorm (batch statistics) + residual + ReLU part of :func:`training_conv`; returns
+    ``(grad_bn_input, grad_residual, grad_bn)``: ``grad_bn_input`` in bn_input's dtype and memory format,
+    ``grad_residual`` (the ReLU-masked output gradient; empty without a residual) in grad_out's dtype and
+    bn_input's memory format, ``grad_bn`` [2, O] (bn_weight, bn_bias) in the accumulation dtype. The ReLU mask
+    is ``out > 0``."""
+    y = bn_input
     acc = acc_dtype(y.dtype)
     fmt = _memory_format(is_channels_last(y))
     g = torch.where(out > 0, grad_out.to(acc), 0) if relu else grad_out.to(acc)
-    grad_y, grad_bn = _bn_backward(g, y.to(acc), gamma, beta, mean, var, True, eps)
+    grad_y, grad_bn = _bn_backward(g, y.to(acc), bn_weight, bn_bias, mean, var, True, eps)
     grad_res = g.to(grad_out.dtype).contiguous(memory_format=fmt) if has_residual else y.new_empty(0)
     return grad_y.to(y.dtype).contiguous(memory_format=fmt), grad_res, grad_bn

@@ -1,6 +1,8 @@
-// The concat-free head's epilogue on CPU (head_forward / head_backward, contract:
+// The concat-free head's epilogue on CPU (psp::add_branch_bn_relu and its backward, contract:
 // psp_kernels/reference.py): the branch term's last interpolation along W, its add to the x-half conv
-// output y, BatchNorm and ReLU, and the gradient of all that.
+// output, BatchNorm and ReLU, and the gradient of all that. Below y is the conv output (conv_out), u the
+// branch rows (branch_rows), bw the W-axis interpolation weights (width_interp) and z = y + u . bw^T
+// BatchNorm's input (bn_input).
 //
 // Per (n, o, h) row the branch term is u[n, o, h, :] . bw[w, :] (K = kw * sum(bins) taps). A task item
 // is one (n, h) row and a block of kChannelBlock channels -- a "tile" of all W columns -- and computes
@@ -9,11 +11,11 @@
 // in memory. Elementwise loops run along the layout's contiguous dimension (w for NCHW, o for
 // channels_last) and vectorise.
 //
-//   head_forward eval    tiles: y, u -> out (and z when kept)                                 1 pass
-//   head_forward train   tiles: y, u -> z and the row's (mean, M2) per channel; merge rows    2 passes
+//   forward, eval        tiles: y, u -> out (and z when kept)                                 1 pass
+//   forward, training    tiles: y, u -> z and the row's (mean, M2) per channel; merge rows    2 passes
 //                        in ascending order (Chan et al.'s pairwise formula); tiles: z -> out
-//   head_backward        tiles: g, z -> the row's (sum g', sum g' xhat) per channel; sum      2 passes
-//                        rows in ascending order into grad_bn [2, O] = (grad_gamma, grad_beta);
+//   backward             tiles: g, z -> the row's (sum g', sum g' xhat) per channel; sum      2 passes
+//                        rows in ascending order into grad_bn [2, O] = (grad_bn_weight, grad_bn_bias);
 //                        tiles: g, z -> grad_y, grad_u = grad_z @ bw
 //
 // g' is the gradient behind the ReLU (mask z * scale + shift > 0, the forward's pre-activation).
@@ -22,7 +24,7 @@
 // rows in ascending order; so results are bitwise identical for any thread count. A row's
 // per-channel sums over w use one lane order in both layouts (sum_columns), and the GEMMs accumulate
 // from 0 over k (w) ascending: NCHW and channels_last give the same bits.
-#include "ppm_cpu.h"
+#include "common.h"
 #include "../bn_affine.h"
 #include "gemm.h"
 
@@ -163,11 +165,11 @@ struct ChannelAffine {
 };
 
 template <typename acc_t>
-ChannelAffine<acc_t> channel_affine(const at::Tensor& gamma, const at::Tensor& beta, const acc_t* mean,
+ChannelAffine<acc_t> channel_affine(const at::Tensor& bn_weight, const at::Tensor& bn_bias, const acc_t* mean,
                                     const acc_t* var, int64_t O, double eps) {
   ChannelAffine<acc_t> a{std::vector<acc_t>(O), std::vector<acc_t>(O), std::vector<acc_t>(O)};
-  const acc_t* gp = gamma.const_data_ptr<acc_t>();
-  const acc_t* bp = beta.const_data_ptr<acc_t>();
+  const acc_t* gp = bn_weight.const_data_ptr<acc_t>();
+  const acc_t* bp = bn_bias.const_data_ptr<acc_t>();
   for (int64_t o = 0; o < O; ++o) {
     const BnAffine<acc_t> bn = bn_affine(gp[o], bp[o], mean[o], var[o], eps);
     a.invstd[o] = bn.invstd, a.scale[o] = bn.scale, a.shift[o] = bn.shift;
@@ -244,7 +246,7 @@ inline scalar_t bn_relu(acc_t z, acc_t scale, acc_t shift) {
 
 template <typename scalar_t, bool CL>
 void head_forward_kernel(const HeadGeometry& g, const at::Tensor& y, const at::Tensor& u, const at::Tensor& bw,
-                         const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& mean, at::Tensor& var,
+                         const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& mean, at::Tensor& var,
                          at::Tensor& z, at::Tensor& out, bool training, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor bwt = CL ? bw : bw.t().contiguous();
@@ -275,7 +277,7 @@ void head_forward_kernel(const HeadGeometry& g, const at::Tensor& y, const at::T
   };
 
   if (!training) {  // one pass: running statistics known up front
-    const ChannelAffine<acc_t> bn = channel_affine(gamma, beta, mp, vp, g.O, eps);
+    const ChannelAffine<acc_t> bn = channel_affine(bn_weight, bn_bias, mp, vp, g.O, eps);
     const acc_t* sc = bn.scale.data();
     const acc_t* sh = bn.shift.data();
     with_flag(zp != nullptr, [&](auto keep) {
@@ -290,7 +292,7 @@ void head_forward_kernel(const HeadGeometry& g, const at::Tensor& y, const at::T
   z_pass(std::true_type{}, [](const Tile&, int64_t, int64_t, int64_t li, acc_t* T, acc_t zv) { T[li] = zv; },
          [&](const Tile& t, acc_t* T) { row_moments<CL>(t, T, T + tile, g.W, row_partials(part, g, t)); });
   merge_moments(part, g, mp, vp);
-  const ChannelAffine<acc_t> bn = channel_affine(gamma, beta, mp, vp, g.O, eps);
+  const ChannelAffine<acc_t> bn = channel_affine(bn_weight, bn_bias, mp, vp, g.O, eps);
   parallel_tiles<CL, acc_t>(g, tile, 0, [&](const Tile& t, acc_t*) {
     const acc_t* sc = bn.scale.data() + t.o0;
     const acc_t* sh = bn.shift.data() + t.o0;
@@ -322,7 +324,7 @@ void sum_rows(const std::vector<acc_t>& part, const HeadGeometry& g, const std::
 
 template <typename scalar_t, bool CL>
 void head_backward_kernel(const HeadGeometry& g, const at::Tensor& grad_out, const at::Tensor& z,
-                          const at::Tensor& bw, const at::Tensor& gamma, const at::Tensor& beta,
+                          const at::Tensor& bw, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                           const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
                           at::Tensor& grad_y, at::Tensor& grad_u, at::Tensor& grad_bn) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -332,9 +334,9 @@ void head_backward_kernel(const HeadGeometry& g, const at::Tensor& grad_out, con
   const acc_t* mp = mean.const_data_ptr<acc_t>();
   scalar_t* gyp = grad_y.data_ptr<scalar_t>();
   acc_t* gup = grad_u.data_ptr<acc_t>();
-  acc_t* ggp = grad_bn.data_ptr<acc_t>();  // grad_bn [2, O]: grad_gamma, then grad_beta
+  acc_t* ggp = grad_bn.data_ptr<acc_t>();  // grad_bn [2, O]: grad_bn_weight, then grad_bn_bias
   acc_t* gbp = ggp + g.O;
-  const ChannelAffine<acc_t> bn = channel_affine(gamma, beta, mp, var.const_data_ptr<acc_t>(), g.O, eps);
+  const ChannelAffine<acc_t> bn = channel_affine(bn_weight, bn_bias, mp, var.const_data_ptr<acc_t>(), g.O, eps);
   const acc_t* is = bn.invstd.data();
   const acc_t* sc = bn.scale.data();
   const acc_t* sh = bn.shift.data();
@@ -347,7 +349,7 @@ void head_backward_kernel(const HeadGeometry& g, const at::Tensor& grad_out, con
     return std::array<acc_t, 2>{gv, (zv - mp[o]) * is[o]};
   };
 
-  // Pass 1: per-row (sum g', sum g' xhat) per channel; rows summed in order into grad_beta, grad_gamma
+  // Pass 1: per-row (sum g', sum g' xhat) per channel; rows summed in order into grad_bn_bias, grad_bn_weight
   // (grad_bn's rows 1 and 0).
   std::vector<acc_t> part(2 * g.rows() * g.O);
   parallel_tiles<CL, acc_t>(g, tile, 2 * tile, [&](const Tile& t, acc_t* G) {
@@ -407,12 +409,12 @@ void check_acc(const at::Tensor& t, const char* name, const at::Tensor& map) {
               map.scalar_type(), ", got ", t.scalar_type());
 }
 
-// Sizes of the map [N, O, H, W] and bw [W, K] (checked, accumulation dtype).
+// Sizes of the map [N, O, H, W] and width_interp [W, K] (checked, accumulation dtype).
 HeadGeometry head_geometry(const at::Tensor& map, const at::Tensor& bw) {
-  check_input(bw, "bw", 2);
-  TORCH_CHECK(bw.size(0) == map.size(3), "psp_kernels: bw must be [W, K] with W = ", map.size(3), ", got ",
-              bw.sizes());
-  check_acc(bw, "bw", map);
+  check_input(bw, "width_interp", 2);
+  TORCH_CHECK(bw.size(0) == map.size(3), "psp_kernels: width_interp must be [W, K] with W = ", map.size(3),
+              ", got ", bw.sizes());
+  check_acc(bw, "width_interp", map);
   return {map.size(0), map.size(1), map.size(2), map.size(3), bw.size(1)};
 }
 
@@ -425,30 +427,30 @@ at::Tensor channel_param(const at::Tensor& t, const char* name, int64_t O, at::S
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward(
-    const at::Tensor& y_in, const at::Tensor& u_in, const at::Tensor& bw_in, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_branch_bn_relu(
+    const at::Tensor& y_in, const at::Tensor& u_in, const at::Tensor& bw_in, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
     double eps, bool keep_z) {
   at::NoGradGuard no_grad;
-  check_map(y_in, "y");
+  check_map(y_in, "conv_out");
   const HeadGeometry g = head_geometry(y_in, bw_in);
-  check_input(u_in, "u", 4);
+  check_input(u_in, "branch_rows", 4);
   TORCH_CHECK(u_in.size(0) == g.N && u_in.size(1) == g.O && u_in.size(2) == g.H && u_in.size(3) == g.K,
-              "psp_kernels: u must be [N, O, H, K] = [", g.N, ", ", g.O, ", ", g.H, ", ", g.K,
-              "] (y's N, O, H and bw's K), got ", u_in.sizes());
-  check_acc(u_in, "u", y_in);
+              "psp_kernels: branch_rows must be [N, O, H, K] = [", g.N, ", ", g.O, ", ", g.H, ", ", g.K,
+              "] (conv_out's N, O, H and width_interp's K), got ", u_in.sizes());
+  check_acc(u_in, "branch_rows", y_in);
   const at::Tensor y = kernel_layout(y_in);
   const Layout layout = layout_of(y);
   const at::ScalarType acc = acc_dtype(y.scalar_type());
   const at::Tensor u = u_in.contiguous(), bw = bw_in.contiguous();
-  const at::Tensor gam = channel_param(gamma, "gamma", g.O, acc), bet = channel_param(beta, "beta", g.O, acc);
+  const at::Tensor gam = channel_param(bn_weight, "bn_weight", g.O, acc), bet = channel_param(bn_bias, "bn_bias", g.O, acc);
   const auto acc_opts = y.options().dtype(acc);
   at::Tensor mean = training ? at::empty({g.O}, acc_opts) : channel_param(running_mean, "running_mean", g.O, acc);
   at::Tensor var = training ? at::empty({g.O}, acc_opts) : channel_param(running_var, "running_var", g.O, acc);
   const auto map_opts = y.options().memory_format(memory_format(layout));
   at::Tensor out = at::empty(y.sizes(), map_opts);
   at::Tensor z = training || keep_z ? at::empty(y.sizes(), map_opts) : at::empty({0}, y.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "psp_head_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "psp_add_branch_bn_relu", [&] {
     if (layout == Layout::NHWC) {
       head_forward_kernel<scalar_t, true>(g, y, u, bw, gam, bet, mean, var, z, out, training, eps);
     } else {
@@ -458,15 +460,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward(
   return {out, z, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
-    const at::Tensor& grad_out, const at::Tensor& z_in, const at::Tensor& bw_in, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& mean_in, const at::Tensor& var_in, bool training, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_branch_bn_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& z_in, const at::Tensor& bw_in, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean_in, const at::Tensor& var_in, bool training, double eps) {
   at::NoGradGuard no_grad;
-  check_map(z_in, "z");
+  check_map(z_in, "bn_input");
   check_input(grad_out, "grad_out", 4);
-  TORCH_CHECK(grad_out.sizes() == z_in.sizes(), "psp_kernels: grad_out must have z's shape ", z_in.sizes(),
+  TORCH_CHECK(grad_out.sizes() == z_in.sizes(), "psp_kernels: grad_out must have bn_input's shape ", z_in.sizes(),
               ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == z_in.scalar_type(), "psp_kernels: grad_out must have z's dtype ",
+  TORCH_CHECK(grad_out.scalar_type() == z_in.scalar_type(), "psp_kernels: grad_out must have bn_input's dtype ",
               z_in.scalar_type(), ", got ", grad_out.scalar_type());
   const HeadGeometry g = head_geometry(z_in, bw_in);
   const at::Tensor z = kernel_layout(z_in);
@@ -474,13 +476,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
   const at::Tensor go = grad_out.contiguous(memory_format(layout));
   const at::ScalarType acc = acc_dtype(z.scalar_type());
   const at::Tensor bw = bw_in.contiguous();
-  const at::Tensor gam = channel_param(gamma, "gamma", g.O, acc), bet = channel_param(beta, "beta", g.O, acc);
+  const at::Tensor gam = channel_param(bn_weight, "bn_weight", g.O, acc), bet = channel_param(bn_bias, "bn_bias", g.O, acc);
   const at::Tensor mean = channel_param(mean_in, "mean", g.O, acc), var = channel_param(var_in, "var", g.O, acc);
   const auto acc_opts = z.options().dtype(acc);
   at::Tensor grad_y = at::empty(z.sizes(), z.options().memory_format(memory_format(layout)));
   at::Tensor grad_u = at::empty({g.N, g.O, g.H, g.K}, acc_opts);
   at::Tensor grad_bn = at::empty({2, g.O}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "psp_head_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "psp_add_branch_bn_relu_backward", [&] {
     if (layout == Layout::NHWC) {
       head_backward_kernel<scalar_t, true>(g, go, z, bw, gam, bet, mean, var, training, eps, grad_y, grad_u,
                                            grad_bn);
@@ -493,3 +495,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
 }
 
 }  // namespace psp::cpu
+
+TORCH_LIBRARY_IMPL(psp_native, CPU, m) {
+  m.impl("add_branch_bn_relu", &psp::cpu::add_branch_bn_relu);
+  m.impl("add_branch_bn_relu_backward", &psp::cpu::add_branch_bn_relu_backward);
+}

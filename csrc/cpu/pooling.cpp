@@ -1,6 +1,6 @@
-// Multi-bin adaptive average pooling (pool_forward) and its gradient (pool_backward) on CPU.
+// Multi-bin adaptive average pooling (psp::multibin_avg_pool) and its gradient on CPU.
 //
-// Both axes are cut into elementary segments (ppm_cpu.h: AxisSegments): every bin window is a run
+// Both axes are cut into elementary segments (common.h: AxisSegments): every bin window is a run
 // of whole segments, so the plane is a grid of blocks (row segment x column segment) and
 //   forward:  one pass over x: the rows of each row segment are summed into one L1-resident row
 //             (each element read and added once, vectorised along the row), which is cut into its
@@ -14,9 +14,9 @@
 // (n, block of kChannelBlock channels), every pixel a contiguous channel vector. Each item owns its
 // outputs; NCHW and channels_last use the same per-lane reduction order (bitwise equal results).
 // Fused variants: the forward can copy the x it reads into the first C channels of the PPM's concat
-// buffer (pool_concat_forward), the backward can add a pass-through gradient while it writes grad_x
-// (pool_backward_add), each in the same pass.
-#include "ppm_cpu.h"
+// buffer (multibin_avg_pool_with_concat), the backward can add a pass-through gradient while it writes
+// grad_x (multibin_avg_pool_backward_add), each in the same pass.
+#include "common.h"
 
 #include <cstring>
 
@@ -331,13 +331,13 @@ at::Tensor pool_backward_impl(const at::Tensor& grad_pooled_in, const std::vecto
 
 }  // namespace
 
-at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
+at::Tensor multibin_avg_pool(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
   check_input(x_in, "x", 4);
   return pool_forward_impl(kernel_layout(x_in), bins, at::Tensor());
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins,
-                                                       int64_t total_channels) {
+std::tuple<at::Tensor, at::Tensor> multibin_avg_pool_with_concat(const at::Tensor& x_in, const std::vector<int64_t>& bins,
+                                                                 int64_t total_channels) {
   check_input(x_in, "x", 4);
   const at::Tensor x = kernel_layout(x_in);
   TORCH_CHECK(total_channels >= x.size(1), "psp_kernels: total_channels must be >= C = ", x.size(1), ", got ",
@@ -348,13 +348,13 @@ std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x_in, c
   return {pooled, concat};
 }
 
-at::Tensor pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins, int64_t height,
-                         int64_t width, bool channels_last) {
+at::Tensor multibin_avg_pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins, int64_t height,
+                                      int64_t width, bool channels_last) {
   return pool_backward_impl(grad_pooled, bins, height, width, channels_last, at::Tensor());
 }
 
-at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
-                             const at::Tensor& residual, bool channels_last) {
+at::Tensor multibin_avg_pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
+                                          const at::Tensor& residual, bool channels_last) {
   check_input(residual, "residual", 4);
   TORCH_CHECK(residual.scalar_type() == grad_pooled.scalar_type(), "psp_kernels: residual must have grad_pooled's dtype ",
               grad_pooled.scalar_type(), ", got ", residual.scalar_type());
@@ -364,3 +364,10 @@ at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<in
 }
 
 }  // namespace psp::cpu
+
+TORCH_LIBRARY_IMPL(psp_native, CPU, m) {
+  m.impl("multibin_avg_pool", &psp::cpu::multibin_avg_pool);
+  m.impl("multibin_avg_pool_backward", &psp::cpu::multibin_avg_pool_backward);
+  m.impl("multibin_avg_pool_with_concat", &psp::cpu::multibin_avg_pool_with_concat);
+  m.impl("multibin_avg_pool_backward_add", &psp::cpu::multibin_avg_pool_backward_add);
+}

@@ -1,5 +1,5 @@
-// Bilinear upsampling (align_corners=True) of every branch + concat with x (upsample_forward), and
-// its gradient w.r.t. the packed branches (upsample_backward), on CPU.
+// Bilinear upsampling (align_corners=True) of every branch + concat with x (psp::upsample_concat), and
+// its gradient w.r.t. the packed branches, on CPU.
 //
 // Forward writes the [N, C + nb*R, H, W] output in one pass: x's channels are copied and every
 // branch channel is interpolated from its b x b cells with ATen's per-pixel operation order
@@ -13,7 +13,7 @@
 // vertically onto the b source rows (V[i][w] += lh * g[h][w], h ascending), then each V row is
 // reduced horizontally onto its b cells (w ascending). Fixed order, no atomics, the same per-lane
 // order in both layouts (NCHW: item (n, k, r); channels_last: item (n, k, block of channels)).
-#include "ppm_cpu.h"
+#include "common.h"
 
 #include <cstring>
 
@@ -231,8 +231,7 @@ void upsample_write(const at::Tensor& x, const at::Tensor& branches, const std::
 
 }  // namespace
 
-at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches,
-                            const std::vector<int64_t>& bins) {
+at::Tensor upsample_concat(const at::Tensor& x_in, const at::Tensor& branches, const std::vector<int64_t>& bins) {
   check_input(x_in, "x", 4);
   check_input(branches, "branches", 3);
   const at::Tensor x = kernel_layout(x_in);
@@ -251,8 +250,8 @@ void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const s
   upsample_write(at::Tensor(), branches, bins, concat, channels);
 }
 
-at::Tensor upsample_backward(const at::Tensor& grad_out_in, const std::vector<int64_t>& bins,
-                             int64_t channels) {
+at::Tensor upsample_concat_backward(const at::Tensor& grad_out_in, const std::vector<int64_t>& bins,
+                                    int64_t channels) {
   check_input(grad_out_in, "grad_out", 4);
   const PackedBins pb = packed_bins(bins);
   const int64_t total = grad_out_in.size(1);
@@ -277,3 +276,9 @@ at::Tensor upsample_backward(const at::Tensor& grad_out_in, const std::vector<in
 }
 
 }  // namespace psp::cpu
+
+TORCH_LIBRARY_IMPL(psp_native, CPU, m) {
+  m.impl("upsample_concat", &psp::cpu::upsample_concat);
+  m.impl("upsample_concat_backward", &psp::cpu::upsample_concat_backward);
+  m.impl("upsample_into", &psp::cpu::upsample_into);
+}

@@ -1,6 +1,7 @@
-// Multi-bin adaptive average pooling on CUDA: pool_forward / pool_concat_forward (one read of x for
-// all bins, optionally copying x into the concat buffer in the same read) and pool_backward /
-// pool_backward_add (a gather, optionally adding the pass-through gradient in the same write).
+// Multi-bin adaptive average pooling on CUDA: psp::multibin_avg_pool / multibin_avg_pool_with_concat (one
+// read of x for all bins, optionally copying x into the concat buffer in the same read) and
+// multibin_avg_pool_backward / multibin_avg_pool_backward_add (a gather, optionally adding the pass-through
+// gradient in the same write).
 //
 // Same algorithm and per-element summation order as csrc/cpu/pooling.cpp. Both axes are cut into
 // elementary segments (psp::cpu::axis_segments): every adaptive window [floor(i*H/b), ceil((i+1)*H/b))
@@ -21,7 +22,7 @@
 // consecutive columns; channels_last tiles hold one 32-byte sector of channels and give consecutive
 // threads consecutive channels. Per-element arithmetic is identical in both layouts (bitwise equal
 // results) and independent of the launch shape.
-#include "ppm_cuda.h"
+#include "common.cuh"
 
 namespace psp::cuda {
 namespace {
@@ -321,7 +322,7 @@ at::Tensor pool_backward_pass(const at::Tensor& grad_pooled_in, const PackedBins
 
 }  // namespace
 
-at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
+at::Tensor multibin_avg_pool(const at::Tensor& x_in, const std::vector<int64_t>& bins) {
   const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(x_in, "x", 4);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -333,8 +334,9 @@ at::Tensor pool_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x_in, const std::vector<int64_t>& bins,
-                                                       int64_t total_channels) {
+std::tuple<at::Tensor, at::Tensor> multibin_avg_pool_with_concat(const at::Tensor& x_in,
+                                                                 const std::vector<int64_t>& bins,
+                                                                 int64_t total_channels) {
   const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(x_in, "x", 4);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -351,16 +353,16 @@ std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x_in, c
   return {out, concat};
 }
 
-at::Tensor pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins, int64_t height,
-                         int64_t width, bool channels_last) {
+at::Tensor multibin_avg_pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins, int64_t height,
+                                      int64_t width, bool channels_last) {
   const PackedBins pb = cuda_bins(bins);
   check_cuda_packed(grad_pooled, "grad_pooled", pb);
   const c10::cuda::CUDAGuard guard(grad_pooled.device());
   return pool_backward_pass(grad_pooled, pb, height, width, channels_last, nullptr);
 }
 
-at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
-                             const at::Tensor& residual, bool channels_last) {
+at::Tensor multibin_avg_pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
+                                          const at::Tensor& residual, bool channels_last) {
   const PackedBins pb = cuda_bins(bins);
   check_cuda_packed(grad_pooled, "grad_pooled", pb);
   check_cuda(residual, "residual", 4, grad_pooled.device());
@@ -374,3 +376,10 @@ at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<in
 }
 
 }  // namespace psp::cuda
+
+TORCH_LIBRARY_IMPL(psp_native, CUDA, m) {
+  m.impl("multibin_avg_pool", &psp::cuda::multibin_avg_pool);
+  m.impl("multibin_avg_pool_backward", &psp::cuda::multibin_avg_pool_backward);
+  m.impl("multibin_avg_pool_with_concat", &psp::cuda::multibin_avg_pool_with_concat);
+  m.impl("multibin_avg_pool_backward_add", &psp::cuda::multibin_avg_pool_backward_add);
+}

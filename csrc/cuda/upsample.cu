@@ -1,6 +1,6 @@
 // Bilinear upsampling (align_corners=True) of every branch on CUDA: upsample_into (writes the branch
-// channels of a concat buffer in place), upsample_forward (x's channels copied, then upsample_into),
-// and the gradient upsample_backward w.r.t. the packed branches.
+// channels of a concat buffer in place), psp::upsample_concat (x's channels copied, then upsample_into),
+// and its gradient upsample_concat_backward w.r.t. the packed branches.
 //
 // Taps exactly as ATen upsample_bilinear2d and psp_kernels/triton/upsample.py: per bin, the scales
 // (b-1)/(H-1) and (b-1)/(W-1) are computed on the host in the accumulation type (0 when H or W is 1);
@@ -11,7 +11,7 @@
 // grad rows are spread vertically onto the b source rows (V[i][w] += l * g[h][w], h ascending), then
 // every V row is reduced horizontally onto the b cells (w ascending). No atomics: a block owns whole
 // cells, and within a block every V column and every cell has one owning thread.
-#include "ppm_cuda.h"
+#include "common.cuh"
 
 namespace psp::cuda {
 namespace {
@@ -259,7 +259,7 @@ void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const s
   upsample_into_pass(concat, branches, pb, channels);
 }
 
-at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches, const std::vector<int64_t>& bins) {
+at::Tensor upsample_concat(const at::Tensor& x_in, const at::Tensor& branches, const std::vector<int64_t>& bins) {
   const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   check_cuda(x_in, "x", 4);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -276,7 +276,7 @@ at::Tensor upsample_forward(const at::Tensor& x_in, const at::Tensor& branches, 
   return out;
 }
 
-at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64_t>& bins, int64_t channels) {
+at::Tensor upsample_concat_backward(const at::Tensor& grad_out, const std::vector<int64_t>& bins, int64_t channels) {
   check_cuda(grad_out, "grad_out", 4);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const PackedBins pb = cuda_bins(bins);
@@ -311,3 +311,9 @@ at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64
 }
 
 }  // namespace psp::cuda
+
+TORCH_LIBRARY_IMPL(psp_native, CUDA, m) {
+  m.impl("upsample_concat", &psp::cuda::upsample_concat);
+  m.impl("upsample_concat_backward", &psp::cuda::upsample_concat_backward);
+  m.impl("upsample_into", &psp::cuda::upsample_into);
+}

@@ -1,11 +1,12 @@
-"""The fused PPM and head ops, registered as ``torch.library`` custom ops in namespace ``psp``."""
+"""The ``psp::`` custom ops: one module per op family, each holding the op's schema, fake kernel, autograd,
+argument checks and public function; the kernels each op runs are chosen by ``psp_kernels.dispatch``."""
 
-from .conv import conv_bias_act, conv_bn_act_train
-from .head import head_bn_relu
+from .conv import folded_conv, training_conv
+from .head import add_branch_bn_relu
 from .pooling import multibin_avg_pool
 from .ppm import pyramid_pooling
-from .projection import project_bn_relu
+from .reduction import reduction_conv_bn_relu
 from .upsample import upsample_concat
 
-__all__ = ["conv_bias_act", "conv_bn_act_train", "head_bn_relu", "multibin_avg_pool", "project_bn_relu",
-           "pyramid_pooling", "upsample_concat"]
+__all__ = ["add_branch_bn_relu", "folded_conv", "multibin_avg_pool", "pyramid_pooling", "reduction_conv_bn_relu",
+           "training_conv", "upsample_concat"]

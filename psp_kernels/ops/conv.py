@@ -1,12 +1,14 @@
-"""Backbone convolution ops. ``psp::conv_bias_act``: a convolution with its inference epilogue,
-``relu?(conv(x) + bias + residual?)``, in one pass (BatchNorm folded into weight and bias by
-``psp_kernels.conv.fold_bn``). ``psp::conv_bn_act_train``: the training forward, the conv's batch statistics
-from its epilogue and BatchNorm + residual + ReLU in one pass; ``psp::bn_act_backward`` its BatchNorm + ReLU
-backward in one op.
+"""Backbone convolution ops. ``psp::folded_conv`` (inference): a convolution with its epilogue,
+``relu?(conv(x) + bias + residual?)``, in one pass, BatchNorm folded into weight and bias
+(``psp_kernels.nn.conv.fold_bn``). ``psp::training_conv`` (training): the conv's BatchNorm batch statistics
+taken in its epilogue and BatchNorm + residual + ReLU in one pass; ``psp::training_conv_bn_backward`` its
+BatchNorm + residual + ReLU backward in one op. Both backwards end in ``psp::folded_conv_backward``, ATen's
+convolution backward.
 
-Kernels: ``psp_kernels/triton/conv.py`` (CUDA: implicit GEMM with the epilogue), and for CPU tensors
-``psp_kernels.reference.conv_bias_act`` (oneDNN's convolution, residual add and ReLU in place). The
-backward is ATen's convolution backward (``reference.conv_bias_act_backward``) for every backend.
+Kernels (``psp_kernels.dispatch.KERNEL_TABLE``): ``csrc/cpu/conv.cpp`` (oneDNN's convolution with the
+epilogue in place), ``psp_kernels/triton/conv.py`` (implicit GEMM with the epilogue), ``csrc/cuda/conv.cu``
+(CUTLASS), ``psp_kernels.eager`` (cuDNN / oneDNN in x's dtype; the convolution backward),
+``psp_kernels.reference``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,30 @@ from typing import Optional
 
 import torch
 
-from .. import reference
-from ..backends import resolve_for
-from ..geometry import conv_output_size, is_channels_last
-from ._checks import check_tensor
-from .projection import update_running_stats
+from .. import eager, reference
+from ..batchnorm import update_running_stats
+from ..dispatch import define
+from ..geometry import acc_dtype, conv_output_size, is_channels_last
+from .checks import check_tensor
 
-
-@torch.library.custom_op("psp::conv_bias_act", mutates_args=())
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-          stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
-    backend = resolve_for(x.device, "conv_bias_act")
-    return backend.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu)
+_CONV_ARGS = "int stride, int padding, int dilation, bool relu"
+_conv = define("folded_conv", f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV_ARGS}) -> Tensor",
+               reference.folded_conv)
+_conv_backward = define(
+    "folded_conv_backward",
+    f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, {_CONV_ARGS}, bool[] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    eager.folded_conv_backward)
+_train = define(
+    "training_conv",
+    f"(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor? residual, {_CONV_ARGS}, float eps) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    reference.training_conv)
+_bn_backward = define(
+    "training_conv_bn_backward",
+    "(Tensor grad_out, Tensor bn_input, Tensor out, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
+    "bool relu, float eps, bool has_residual) -> (Tensor, Tensor, Tensor)",
+    reference.training_conv_bn_backward)
 
 
 @_conv.register_fake
@@ -39,19 +53,10 @@ def _(x, weight, bias, residual, stride, padding, dilation, relu):
                        memory_format=fmt)
 
 
-@torch.library.custom_op("psp::conv_bias_act_backward", mutates_args=())
-def _conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, stride: int,
-                   padding: int, dilation: int, relu: bool, mask: list[bool]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_x, grad_weight, grad_bias, grad_residual); the entries ``mask`` leaves out are empty."""
-    grads = reference.conv_bias_act_backward(grad_out, x, weight, out, stride, padding, dilation, relu, mask)
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
-
-
 @_conv_backward.register_fake
-def _(grad_out, x, weight, out, stride, padding, dilation, relu, mask):
+def _(grad_out, x, weight, out, stride, padding, dilation, relu, output_mask):
     shapes = (x, weight, weight.new_empty(weight.shape[0]), grad_out)
-    return tuple(torch.empty_like(t) if m else x.new_empty(0) for t, m in zip(shapes, mask))
+    return tuple(torch.empty_like(t) if m else x.new_empty(0) for t, m in zip(shapes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -74,36 +79,36 @@ def _backward(ctx, grad_out):
 _conv.register_autograd(_backward, setup_context=_setup_context)
 
 
-def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 0, dilation: int = 1,
-                  relu: bool = True) -> torch.Tensor:
-    """``relu?(conv2d(x, weight, bias, stride, padding, dilation) + residual?)`` in one pass.
+def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 0, dilation: int = 1,
+                relu: bool = True) -> torch.Tensor:
+    """``relu?(conv2d(x, weight, bias, stride, padding, dilation) + residual?)`` in one pass: a backbone conv
+    in inference, BatchNorm folded into ``weight`` and ``bias``.
 
     Args:
         x: [N, C, H, W] fp16/bf16/fp32/fp64, channels_last (the fast layout) or NCHW.
         weight: [O, C, k, k] (square kernel, groups 1), x's dtype or fp32; channels_last gives unit-stride reads.
-        bias: [O] or None (with BatchNorm folded in: ``beta - mean * gamma / sqrt(var + eps)``).
+        bias: [O] or None (with BatchNorm folded in: ``bn_bias - mean * bn_weight / sqrt(var + eps)``).
         residual: [N, O, Ho, Wo] or None, added before the ReLU (a bottleneck's shortcut).
         stride, padding, dilation: the conv's, the same on both axes (zero padding).
         relu: apply ReLU last (NaN-propagating, as ``torch.relu``).
 
     Returns:
         [N, O, Ho, Wo] in x's dtype and memory format, ``Ho = (H + 2 padding - dilation (k - 1) - 1) // stride + 1``
-        (``geometry.conv_output_size``).
-        Accumulation in fp32 (fp64 for fp64). Differentiable w.r.t. x, weight, bias and residual (ATen's
+        (``geometry.conv_output_size``). Differentiable w.r.t. x, weight, bias and residual (ATen's
         convolution backward); bitwise deterministic forward.
 
     Raises:
         TypeError / ValueError / RuntimeError: a wrong rank, shape, dtype or device, naming the argument.
 
-    Source: issue "dilated-convolution kernels"; performance.md §1 (dilated conv3x3) and §5 (DCONV-I).
+    Source: semseg ``model/resnet.py`` (conv, bn, relu, ``out += residual``); docs/kernels.md (folding).
     """
     _check_conv(x, weight, bias, residual, stride, padding, dilation)
     return _conv(x, weight, bias, residual, stride, padding, dilation, relu)
 
 
 def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> tuple[int, int]:
-    """The argument checks shared by :func:`conv_bias_act` and :func:`conv_bn_act_train`; returns the output
+    """The argument checks shared by :func:`folded_conv` and :func:`training_conv`; returns the output
     size (Ho, Wo)."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4, x.device)
@@ -135,71 +140,55 @@ def _check_conv(x, weight, bias, residual, stride, padding, dilation) -> tuple[i
 # Training: conv with batch statistics from its epilogue, then BatchNorm + residual + ReLU in one pass.
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("psp::conv_bn_act_train", mutates_args=())
-def _train(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-           residual: Optional[torch.Tensor], stride: int, padding: int, dilation: int, relu: bool, eps: float
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, y, mean, var): the output, the conv output (BatchNorm's input) and its batch statistics."""
-    backend = resolve_for(x.device, "conv_bn_train_forward")
-    return backend.conv_bn_train_forward(x, weight, gamma, beta, residual, stride, padding, dilation, relu, eps)
-
-
 @_train.register_fake
-def _(x, weight, gamma, beta, residual, stride, padding, dilation, relu, eps):
+def _(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, relu, eps):
     out = _conv(x, weight, None, None, stride, padding, dilation, relu)   # the fake kernel of the inference op
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stat = x.new_empty(weight.shape[0], dtype=acc)
+    stat = x.new_empty(weight.shape[0], dtype=acc_dtype(x.dtype))
     return out, torch.empty_like(out), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("psp::bn_act_backward", mutates_args=())
-def _bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor,
-                     beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relu: bool, eps: float,
-                     has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_y, grad_residual or empty, grad_bn [2, O] = (gamma, beta))."""
-    backend = resolve_for(y.device, "bn_act_backward")
-    return backend.bn_act_backward(grad_out, y, out, gamma, beta, mean, var, relu, eps, has_residual)
-
-
-@_bn_act_backward.register_fake
-def _(grad_out, y, out, gamma, beta, mean, var, relu, eps, has_residual):
-    grad_res = torch.empty_like(y, dtype=grad_out.dtype) if has_residual else y.new_empty(0, dtype=grad_out.dtype)
-    return torch.empty_like(y), grad_res, mean.new_empty(2, mean.shape[0])
+@_bn_backward.register_fake
+def _(grad_out, bn_input, out, bn_weight, bn_bias, mean, var, relu, eps, has_residual):
+    grad_res = (torch.empty_like(bn_input, dtype=grad_out.dtype) if has_residual
+                else bn_input.new_empty(0, dtype=grad_out.dtype))
+    return torch.empty_like(bn_input), grad_res, mean.new_empty(2, mean.shape[0])
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, weight, gamma, beta, residual, stride, padding, dilation, relu, eps = inputs
-    out, y, mean, var = output
-    ctx.mark_non_differentiable(y, mean, var)
-    ctx.save_for_backward(x, weight, gamma, beta, y, out, mean, var)
+    x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, relu, eps = inputs
+    out, bn_input, mean, var = output
+    ctx.mark_non_differentiable(bn_input, mean, var)
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, bn_input, out, mean, var)
     ctx.args = (stride, padding, dilation, relu, eps, residual is not None)
 
 
-def _train_backward(ctx, grad_out, _gy, _gmean, _gvar):
-    x, weight, gamma, beta, y, out, mean, var = ctx.saved_tensors
+def _train_backward(ctx, grad_out, _grad_bn_input, _grad_mean, _grad_var):
+    x, weight, bn_weight, bn_bias, bn_input, out, mean, var = ctx.saved_tensors
     stride, padding, dilation, relu, eps, has_res = ctx.args
     need = ctx.needs_input_grad
-    grad_y, grad_res, grad_bn = _bn_act_backward(grad_out, y, out, gamma, beta, mean, var, relu, eps, has_res)
-    gx, gw, _, _ = _conv_backward(grad_y, x, weight, y, stride, padding, dilation, False,
+    grad_y, grad_res, grad_bn = _bn_backward(grad_out, bn_input, out, bn_weight, bn_bias, mean, var, relu, eps,
+                                             has_res)
+    gx, gw, _, _ = _conv_backward(grad_y, x, weight, bn_input, stride, padding, dilation, False,
                                   [need[0], need[1], False, False])
-    return (gx if need[0] else None, gw.to(weight.dtype) if need[1] else None, grad_bn[0].to(gamma.dtype),
-            grad_bn[1].to(beta.dtype), grad_res if has_res and need[4] else None, None, None, None, None, None)
+    return (gx if need[0] else None, gw.to(weight.dtype) if need[1] else None, grad_bn[0].to(bn_weight.dtype),
+            grad_bn[1].to(bn_bias.dtype), grad_res if has_res and need[4] else None, None, None, None, None, None)
 
 
 _train.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 
-def conv_bn_act_train(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
-                      running_mean: torch.Tensor, running_var: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                      stride: int = 1, padding: int = 0, dilation: int = 1, relu: bool = True,
-                      momentum: float | None = 0.1, eps: float = 1e-5,
-                      num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``relu?(batch_norm_train(conv2d(x, weight)) + residual?)`` with the batch statistics taken in the conv's
-    epilogue (no extra read of the conv output) and BatchNorm + residual + ReLU in one pass; updates the
-    running statistics in place exactly as ``nn.BatchNorm2d`` in training.
+def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                  running_mean: torch.Tensor, running_var: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                  stride: int = 1, padding: int = 0, dilation: int = 1, relu: bool = True,
+                  momentum: float | None = 0.1, eps: float = 1e-5,
+                  num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu?(batch_norm_train(conv2d(x, weight)) + residual?)``: a backbone conv + BatchNorm (+ shortcut) +
+    ReLU in training, the batch statistics taken in the conv's epilogue (no extra read of the conv output)
+    and BatchNorm + residual + ReLU in one pass; updates the running statistics in place exactly as
+    ``nn.BatchNorm2d`` in training.
 
     Args:
-        x, weight, residual, stride, padding, dilation, relu: as :func:`conv_bias_act` (the conv has no bias).
+        x, weight, residual, stride, padding, dilation, relu: as :func:`folded_conv` (the conv has no bias).
         bn_weight, bn_bias, running_mean, running_var: the BatchNorm tensors [O], x's dtype or fp32.
         momentum: running-average factor; ``None`` uses the cumulative average 1/num_batches_tracked.
         eps: added to the variance. num_batches_tracked: the int64 counter to increment (optional).
@@ -210,10 +199,10 @@ def conv_bn_act_train(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Te
         backward. Saved for backward: x, the conv output and the output. Deterministic (no atomics).
 
     Raises:
-        TypeError / ValueError / RuntimeError: as :func:`conv_bias_act`, naming the argument; ValueError
+        TypeError / ValueError / RuntimeError: as :func:`folded_conv`, naming the argument; ValueError
             "Expected more than 1 value per channel when training" as BatchNorm.
 
-    Source: issue "dilated-convolution kernels" (training); semseg ``model/resnet.py`` (conv, bn, relu).
+    Source: semseg ``model/resnet.py`` (conv, bn, relu); docs/kernels.md (statistics in the epilogue).
     """
     ho, wo = _check_conv(x, weight, None, residual, stride, padding, dilation)
     o = weight.shape[0]

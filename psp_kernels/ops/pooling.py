@@ -1,7 +1,10 @@
 """``psp::multibin_avg_pool``: adaptive average pooling to every pyramid bin in one pass over x.
 
-Schema, fake kernel, autograd and backend dispatch. Kernels: ``psp_kernels/triton/pooling.py`` (CUDA),
-``csrc/cpu/pooling.cpp`` (CPU), ``psp_kernels.reference.pool_forward`` (oracle).
+The op, its fake kernel and autograd, and the kernel ops it runs on: ``psp::multibin_avg_pool`` and its
+backward, and the whole-PPM op's fused-pass variants (``multibin_avg_pool_with_concat`` copies x into the
+concat buffer while pooling; ``multibin_avg_pool_backward_add`` adds x's pass-through gradient while
+un-pooling). Kernels (``psp_kernels.dispatch.KERNEL_TABLE``): ``csrc/cpu/pooling.cpp``,
+``psp_kernels/triton/pooling.py``, ``csrc/cuda/pooling.cu``, ``psp_kernels.reference``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,28 @@ from typing import Sequence
 
 import torch
 
-from ..backends import resolve
+from .. import reference
+from ..dispatch import define
 from ..geometry import DEFAULT_BINS, check_bins, is_channels_last, packed_size
-from ._checks import check_tensor, layout_for_kernels
+from .checks import check_tensor, layout_for_kernels
+
+_pool = define("multibin_avg_pool", "(Tensor x, int[] bins) -> Tensor", reference.multibin_avg_pool)
+_pool_backward = define(
+    "multibin_avg_pool_backward",
+    "(Tensor grad_pooled, int[] bins, int height, int width, bool channels_last) -> Tensor",
+    reference.multibin_avg_pool_backward)
+pool_with_concat = define(
+    "multibin_avg_pool_with_concat", "(Tensor x, int[] bins, int total_channels) -> (Tensor, Tensor)",
+    reference.multibin_avg_pool_with_concat)
+pool_backward_add = define(
+    "multibin_avg_pool_backward_add",
+    "(Tensor grad_pooled, int[] bins, Tensor residual, bool channels_last) -> Tensor",
+    reference.multibin_avg_pool_backward_add)
 
 
-@torch.library.custom_op("psp::multibin_avg_pool", mutates_args=())
-def _pool(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
-    return resolve(x.device).pool_forward(layout_for_kernels(x), list(bins))
+def _empty_map(like: torch.Tensor, n: int, c: int, height: int, width: int, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(n, c, height, width, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 @_pool.register_fake
@@ -25,18 +42,20 @@ def _(x, bins):
     return x.new_empty(x.shape[0], x.shape[1], packed_size(bins))
 
 
-@torch.library.custom_op("psp::multibin_avg_pool_backward", mutates_args=())
-def _pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
-                   channels_last: bool) -> torch.Tensor:
-    return resolve(grad_pooled.device).pool_backward(grad_pooled.contiguous(), list(bins), height, width,
-                                                     channels_last)
-
-
 @_pool_backward.register_fake
 def _(grad_pooled, bins, height, width, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(grad_pooled.shape[0], grad_pooled.shape[1], height, width, dtype=grad_pooled.dtype,
-                       device=grad_pooled.device, memory_format=fmt)
+    return _empty_map(grad_pooled, *grad_pooled.shape[:2], height, width, channels_last)
+
+
+@pool_with_concat.register_fake
+def _(x, bins, total_channels):
+    n, c, h, w = x.shape
+    return x.new_empty(n, c, packed_size(bins)), _empty_map(x, n, total_channels, h, w, is_channels_last(x))
+
+
+@pool_backward_add.register_fake
+def _(grad_pooled, bins, residual, channels_last):
+    return _empty_map(grad_pooled, *grad_pooled.shape[:2], *residual.shape[2:], channels_last)
 
 
 def _setup_context(ctx, inputs, output):
@@ -47,7 +66,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_pooled):
-    return _pool_backward(grad_pooled, ctx.bins, *ctx.size, ctx.channels_last), None
+    return _pool_backward(grad_pooled.contiguous(), ctx.bins, *ctx.size, ctx.channels_last), None
 
 
 _pool.register_autograd(_backward, setup_context=_setup_context)
@@ -75,4 +94,4 @@ def multibin_avg_pool(x: torch.Tensor, bins: Sequence[int] = DEFAULT_BINS) -> to
     """
     bins = check_bins(bins)
     check_tensor(x, "x", 4)
-    return _pool(x, bins)
+    return _pool(layout_for_kernels(x), bins)

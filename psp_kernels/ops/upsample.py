@@ -1,7 +1,9 @@
 """``psp::upsample_concat``: x and every branch's bilinear upsampling written into one concat buffer.
 
-Kernels: ``psp_kernels/triton/upsample.py`` (CUDA), ``csrc/cpu/upsample.cpp`` (CPU),
-``psp_kernels.reference.upsample_forward`` (oracle).
+The op, its fake kernel and autograd, and the kernel ops it runs on: ``psp::upsample_concat``, its
+backward, and the whole-PPM op's ``upsample_into`` (writes only the branch channels of a concat buffer
+that already holds x). Kernels (``psp_kernels.dispatch.KERNEL_TABLE``): ``csrc/cpu/upsample.cpp``,
+``psp_kernels/triton/upsample.py``, ``csrc/cuda/upsample.cu``, ``psp_kernels.reference``.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from typing import Sequence
 
 import torch
 
-from ..backends import resolve
+from .. import reference
+from ..dispatch import define
 from ..geometry import DEFAULT_BINS, check_bins, is_channels_last, packed_size
-from ._checks import check_tensor, layout_for_kernels
+from .checks import check_tensor, layout_for_kernels
+
+_upsample = define("upsample_concat", "(Tensor x, Tensor branches, int[] bins) -> Tensor", reference.upsample_concat)
+upsample_backward = define("upsample_concat_backward", "(Tensor grad_out, int[] bins, int channels) -> Tensor",
+                           reference.upsample_concat_backward)
+upsample_into = define("upsample_into", "(Tensor(a!) concat, Tensor branches, int[] bins, int channels) -> ()",
+                       reference.upsample_into, mutates_args=("concat",))
 
 
-@torch.library.custom_op("psp::upsample_concat", mutates_args=())
-def _upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
-    return resolve(x.device).upsample_forward(layout_for_kernels(x), branches.contiguous(), list(bins))
-
-
-@_upsample_concat.register_fake
+@_upsample.register_fake
 def _(x, branches, bins):
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     n, c, h, w = x.shape
@@ -28,15 +32,15 @@ def _(x, branches, bins):
                        memory_format=fmt)
 
 
-@torch.library.custom_op("psp::upsample_concat_backward", mutates_args=())
-def _upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:
-    return resolve(grad_out.device).upsample_backward(layout_for_kernels(grad_out), list(bins), channels)
-
-
-@_upsample_concat_backward.register_fake
+@upsample_backward.register_fake
 def _(grad_out, bins, channels):
     n, total = grad_out.shape[:2]
     return grad_out.new_empty(n, (total - channels) // len(bins), packed_size(bins))
+
+
+@upsample_into.register_fake
+def _(concat, branches, bins, channels):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -47,11 +51,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     grad_branches = None
     if ctx.needs_input_grad[1]:
-        grad_branches = _upsample_concat_backward(grad_out, ctx.bins, ctx.channels)
+        grad_branches = upsample_backward(layout_for_kernels(grad_out), ctx.bins, ctx.channels)
     return grad_out[:, :ctx.channels], grad_branches, None
 
 
-_upsample_concat.register_autograd(_backward, setup_context=_setup_context)
+_upsample.register_autograd(_backward, setup_context=_setup_context)
 
 
 def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int] = DEFAULT_BINS) -> torch.Tensor:
@@ -59,7 +63,7 @@ def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]
 
     Args:
         x: [N, C, H, W] fp16/bf16/fp32/fp64, NCHW or channels_last.
-        branches: packed branches [N, R, S] (from :func:`project_bn_relu`), x's dtype and device.
+        branches: packed branches [N, R, S] (from :func:`reduction_conv_bn_relu`), x's dtype and device.
         bins: the bin sizes the branches were made with.
 
     Returns:
@@ -82,4 +86,4 @@ def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]
     if branches.shape[0] != x.shape[0] or branches.shape[2] != packed_size(bins):
         raise ValueError(f"branches must have shape [N={x.shape[0]}, R, S={packed_size(bins)}] for bins {bins}, "
                          f"got {tuple(branches.shape)}")
-    return _upsample_concat(x, branches, bins)
+    return _upsample(layout_for_kernels(x), branches.contiguous(), bins)

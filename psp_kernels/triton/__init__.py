@@ -1,31 +1,37 @@
-"""Triton backend: the six functions of the backend interface (see :mod:`psp_kernels.reference`).
+"""Triton kernels: one function per ``psp::`` kernel op, named as the op and with its schema (the ``triton``
+candidate of :data:`psp_kernels.dispatch.KERNEL_TABLE`). Decomposition, per op:
 
-==================  ==============================================================  =========
-function            parallel decomposition                                          launches
-==================  ==============================================================  =========
-pool_forward        program per (n, channel block): one pass over x, all bins         1
-pool_backward       program per (n, channel block, row block): gather, no atomics     1
-project_forward     parameter pack (torch.cat); program per (bin, R block):           2
-                    GEMM + batch stats + BN + ReLU
-project_backward    pack; BN bwd per (bin, R block); dgrad / wgrad tiles per bin      4
-upsample_forward    program per (hw block, channel block, n): copy x / interpolate     1
-upsample_backward   program per (n, bin, R block): separable transposed interp.       1
-pool_concat_fwd     pool_forward that also copies x into the concat buffer            1
-upsample_into       upsample_forward writing only the branch channels                 1
-pool_backward_add   pool_backward plus the pass-through gradient, one pass            1
-head_forward        program per ((n, h) row, O block): branch term + add + BN +    1 / 3
-                    ReLU (eval / training: stats, ordered merge, normalise)
-head_backward       per-row BN sums, ordered sum, grad_y + grad_u per row             3
-conv_bias_act       implicit GEMM per (pixel block, out-channel block) with bias +    1
-                    residual + ReLU epilogue (backbone convs, BN folded; conv.py)
-conv_bn_train_fwd   the implicit GEMM storing y and per-tile (mean, M2); ordered       3
-                    merge of the tiles; BN + residual + ReLU per (pixel, channel) tile
-bn_act_backward     per-tile BN sums, ordered sum, grad_y + grad_residual per tile     3
-==================  ==============================================================  =========
+==================================  ==========================================================  =========
+op                                  parallel decomposition                                      launches
+==================================  ==========================================================  =========
+multibin_avg_pool                   program per (n, channel block): one pass over x, all bins     1
+multibin_avg_pool_backward          program per (n, channel block, row block): gather            1
+multibin_avg_pool_with_concat       the pooling that also copies x into the concat buffer         1
+multibin_avg_pool_backward_add      the pooling backward plus the pass-through gradient           1
+reduction_conv_bn_relu              parameter pack (torch.cat); program per (bin, R block):      2
+                                    GEMM + batch statistics + BatchNorm + ReLU
+reduction_conv_bn_relu_backward     pack; BatchNorm backward per (bin, R block); dgrad / wgrad    4
+                                    tiles per bin
+upsample_concat                     program per (hw block, channel block, n): copy x /            1
+                                    interpolate
+upsample_concat_backward            program per (n, bin, R block): separable transposed interp.   1
+upsample_into                       upsample_concat writing only the branch channels             1
+add_branch_bn_relu                  program per ((n, h) row, O block): branch term + add +      1 / 3
+                                    BatchNorm + ReLU (eval / training: stats, ordered merge,
+                                    normalise)
+add_branch_bn_relu_backward         per-row BatchNorm sums, ordered sum, grad_conv_out +          3
+                                    grad_branch_rows per row
+folded_conv                         implicit GEMM per (pixel block, out-channel block) with       1
+                                    bias + residual + ReLU epilogue (backbone convs, BN folded)
+training_conv                       the implicit GEMM storing the conv output and per-tile        3
+                                    (mean, M2); ordered merge of the tiles; BatchNorm + residual
+                                    + ReLU per (pixel, channel) tile
+training_conv_bn_backward           per-tile BatchNorm sums, ordered sum, gradients per tile      3
+==================================  ==========================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
-bins 1/2/3/6 at 60x60 or 90x90 (see pooling.py). The whole-PPM op runs pool_concat_forward,
-project_forward, upsample_into: 4 launches in eval.
+bins 1/2/3/6 at 60x60 or 90x90 (see pooling.py). The whole-PPM op runs multibin_avg_pool_with_concat,
+reduction_conv_bn_relu, upsample_into: 4 launches in eval.
 
 Every output element is written by exactly one program that reduces in a fixed order: results are
 bitwise deterministic and no kernel uses atomics. Accumulation is fp32 (fp64 for fp64 inputs).
@@ -40,17 +46,19 @@ from typing import NamedTuple
 
 import torch
 
-from . import conv, head, pooling, projection, upsample
+from . import conv, head, pooling, reduction, upsample
 from .common import CompileConfig
-from .conv import bn_act_backward, conv_bias_act, conv_bn_train_forward
-from .head import head_backward, head_forward
-from .pooling import pool_backward, pool_backward_add, pool_concat_forward, pool_forward
-from .projection import project_backward, project_forward
-from .upsample import upsample_backward, upsample_forward, upsample_into
+from .conv import folded_conv, training_conv, training_conv_bn_backward
+from .head import add_branch_bn_relu, add_branch_bn_relu_backward
+from .pooling import (multibin_avg_pool, multibin_avg_pool_backward, multibin_avg_pool_backward_add,
+                      multibin_avg_pool_with_concat)
+from .reduction import reduction_conv_bn_relu, reduction_conv_bn_relu_backward
+from .upsample import upsample_concat, upsample_concat_backward, upsample_into
 
-__all__ = ["pool_forward", "pool_backward", "project_forward", "project_backward", "upsample_forward",
-           "upsample_backward", "pool_concat_forward", "upsample_into", "pool_backward_add", "head_forward",
-           "head_backward", "conv_bias_act", "conv_bn_train_forward", "bn_act_backward", "KERNELS",
+__all__ = ["multibin_avg_pool", "multibin_avg_pool_backward", "multibin_avg_pool_with_concat",
+           "multibin_avg_pool_backward_add", "reduction_conv_bn_relu", "reduction_conv_bn_relu_backward",
+           "upsample_concat", "upsample_concat_backward", "upsample_into", "add_branch_bn_relu",
+           "add_branch_bn_relu_backward", "folded_conv", "training_conv", "training_conv_bn_backward", "KERNELS",
            "KernelEntry", "CompileConfig"]
 
 
@@ -64,7 +72,7 @@ class KernelEntry(NamedTuple):
 
 def _registry(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
     by_kernel: dict = {}
-    for module in (pooling, projection, upsample, head, conv):
+    for module in (pooling, reduction, upsample, head, conv):
         for fn, cfg in module.compile_configs(dtypes):
             by_kernel.setdefault(fn, []).append(cfg)
     return tuple(KernelEntry(fn.__name__, fn, tuple(cfgs)) for fn, cfgs in by_kernel.items())

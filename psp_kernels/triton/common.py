@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..geometry import acc_dtype, cached_table  # noqa: F401 (cached_table: the launchers')
+from ..geometry import acc_dtype
 
 
 TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -88,14 +88,14 @@ def channel_invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.conste
 
 
 @triton.jit
-def bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.constexpr):
+def bn_vectors(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE: tl.constexpr):
     """(invstd, scale, shift, mean) of the channel block: BatchNorm as ``z * scale + shift``."""
     invstd = channel_invstd(var_ptr, offs_o, mask_o, eps_hi, eps_lo, ACC_DTYPE)
-    gamma = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0)
-    beta = tl.load(beta_ptr + offs_o, mask=mask_o, other=0.0)
+    bn_weight = tl.load(bn_weight_ptr + offs_o, mask=mask_o, other=0.0)
+    bn_bias = tl.load(bn_bias_ptr + offs_o, mask=mask_o, other=0.0)
     mean = tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)
-    scale = gamma * invstd
-    return invstd, scale, beta - mean * scale, mean
+    scale = bn_weight * invstd
+    return invstd, scale, bn_bias - mean * scale, mean
 
 
 BLOCK_ROWS = 64      # partial rows per step of the ordered reductions

@@ -135,13 +135,13 @@ def _at(n_img, ho, wo, offs_o, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
-def _bn_act_kernel(y_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, O, HO, WO, M, eps_hi, eps_lo,
+def _bn_act_kernel(y_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, bn_weight_ptr, bn_bias_ptr, O, HO, WO, M, eps_hi, eps_lo,
                    sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """out = relu?((y - mean) * gamma / sqrt(var + eps) + beta + residual?), written in y's layout."""
+    """out = relu?((y - mean) * bn_weight / sqrt(var + eps) + bn_bias + residual?), written in y's layout."""
     n_img, ho, wo, offs_o, mask_m, mask_o = _pixel_tile(O, HO, WO, M, BLOCK_M, BLOCK_O)
     tile = mask_m[:, None] & mask_o[None, :]
-    _, scale, shift, _ = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo,
+    _, scale, shift, _ = bn_vectors(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi, eps_lo,
                                     ACC_DTYPE)
     at = _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w)
     z = tl.load(y_ptr + at, mask=tile, other=0.0).to(ACC_DTYPE) * scale[None, :] + shift[None, :]
@@ -183,11 +183,11 @@ def _bn_act_bwd_sums_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, part_ptr, 
 
 
 @triton.jit
-def _bn_act_bwd_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sums_ptr, gy_ptr, gr_ptr, O, HO, WO, M,
+def _bn_act_bwd_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, bn_weight_ptr, sums_ptr, gy_ptr, gr_ptr, O, HO, WO, M,
                        eps_hi, eps_lo, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sy_n, sy_c, sy_h, sy_w,
                        HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
                        ACC_DTYPE: tl.constexpr):
-    """grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M) and, with a residual, its gradient
+    """grad_y = bn_weight * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M) and, with a residual, its gradient
     g (the masked output gradient)."""
     n_img, ho, wo, offs_o, mask_m, mask_o = _pixel_tile(O, HO, WO, M, BLOCK_M, BLOCK_O)
     tile = mask_m[:, None] & mask_o[None, :]
@@ -197,7 +197,7 @@ def _bn_act_bwd_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sums
     count = tl.cast(M, ACC_DTYPE)
     sum_gx = tl.load(sums_ptr + offs_o, mask=mask_o, other=0.0)
     sum_g = tl.load(sums_ptr + O + offs_o, mask=mask_o, other=0.0)
-    scale = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0) * invstd
+    scale = tl.load(bn_weight_ptr + offs_o, mask=mask_o, other=0.0) * invstd
     gy = scale[None, :] * (g - (sum_g / count)[None, :] - xhat * (sum_gx / count)[None, :])
     at = _at(n_img, ho, wo, offs_o, sy_n, sy_c, sy_h, sy_w)
     tl.store(gy_ptr + at, gy.to(gy_ptr.dtype.element_ty), mask=tile)
@@ -239,9 +239,9 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resi
     return out, part
 
 
-def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                  stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
-    """Contract of ``psp_kernels.reference.conv_bias_act`` (output in x's memory format)."""
+def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                stride: int, padding: int, dilation: int, relu: bool) -> torch.Tensor:
+    """Contract of ``psp_kernels.reference.folded_conv`` (output in x's memory format)."""
     return _conv(x, weight, bias, residual, stride, padding, dilation, relu, False)[0]
 
 
@@ -249,10 +249,9 @@ def _ew_grid(m: int, o: int) -> tuple[int, int]:
     return (triton.cdiv(m, EW_BLOCK_M), triton.cdiv(o, EW_BLOCK_O))
 
 
-def conv_bn_train_forward(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                          residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool,
-                          eps: float):
-    """Contract of ``psp_kernels.reference.conv_bn_train_forward``: ``(out, y, mean, var)``. Three launches:
+def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                  residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool, eps: float):
+    """Contract of ``psp_kernels.reference.training_conv``: ``(out, bn_input, mean, var)``. Three launches:
     the conv with per-tile statistics in its epilogue, an ordered merge of the tiles (Chan), and one pass of
     BatchNorm + residual + ReLU."""
     y, part = _conv(x, weight, None, None, stride, padding, dilation, False, True)
@@ -265,21 +264,23 @@ def conv_bn_train_forward(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Te
                                                        ACC_DTYPE=acc_tl(x.dtype), num_warps=EW_WARPS)
     out = torch.empty_like(y)
     res = residual if residual is not None else y
-    gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
-    _bn_act_kernel[_ew_grid(m, o)](y, res, out, mean, var, gamma, beta, o, ho, wo, m, *eps_args(eps), *y.stride(),
+    bn_weight, bn_bias = bn_weight.to(acc).contiguous(), bn_bias.to(acc).contiguous()
+    _bn_act_kernel[_ew_grid(m, o)](y, res, out, mean, var, bn_weight, bn_bias, o, ho, wo, m, *eps_args(eps), *y.stride(),
                                    *res.stride(), HAS_RES=residual is not None, RELU=relu, BLOCK_M=EW_BLOCK_M,
                                    BLOCK_O=EW_BLOCK_O, ACC_DTYPE=acc_tl(x.dtype), num_warps=EW_WARPS)
     return out, y, mean, var
 
 
-def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor,
-                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relu: bool, eps: float,
-                    has_residual: bool):
-    """Contract of ``psp_kernels.reference.bn_act_backward``: ``(grad_y, grad_residual, grad_bn)``. Three
-    launches: per-tile BatchNorm sums, their ordered sum, then grad_y and the residual's gradient."""
+def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, out: torch.Tensor,
+                              bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                              relu: bool, eps: float, has_residual: bool):
+    """Contract of ``psp_kernels.reference.training_conv_bn_backward``: ``(grad_bn_input, grad_residual,
+    grad_bn)``. Three launches: per-tile BatchNorm sums, their ordered sum, then the gradient of the conv
+    output (BatchNorm's input) and the residual's gradient."""
+    y = bn_input
     n, o, ho, wo = y.shape
     m, acc = n * ho * wo, acc_dtype(y.dtype)
-    gamma = gamma.to(acc).contiguous()
+    bn_weight = bn_weight.to(acc).contiguous()
     grid = _ew_grid(m, o)
     part = torch.empty(2, grid[0], o, dtype=acc, device=y.device)
     sums = torch.empty(2, o, dtype=acc, device=y.device)
@@ -291,7 +292,7 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, out: torch.Tensor, 
                                                        num_warps=EW_WARPS)
     grad_y = torch.empty_like(y)
     grad_res = torch.empty_like(y, dtype=grad_out.dtype) if has_residual else y.new_empty(0, dtype=grad_out.dtype)
-    _bn_act_bwd_kernel[grid](grad_out, out, y, mean, var, gamma, sums, grad_y, grad_res if has_residual else grad_y,
+    _bn_act_bwd_kernel[grid](grad_out, out, y, mean, var, bn_weight, sums, grad_y, grad_res if has_residual else grad_y,
                              o, ho, wo, m, *eps_args(eps), *strides, HAS_RES=has_residual, **consts)
     return grad_y, grad_res, sums
 
@@ -354,13 +355,13 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
             tag = ("res_" if has_res else "") + ("relu" if relu else "linear")
             out.append((_bn_act_kernel, CompileConfig(
                 f"bn_act/{dt}/{tag}", {"y_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}", **bn,
-                                      "gamma_ptr": f"*{acc}", "beta_ptr": f"*{acc}", **shape, **eps,
+                                      "bn_weight_ptr": f"*{acc}", "bn_bias_ptr": f"*{acc}", **shape, **eps,
                                       **_strides("sy"), **_strides("sr"), **{n: "constexpr" for n in (*flags, *ew)}},
                 dict(**flags, **ew), num_warps=EW_WARPS)))
             grads = {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "y_ptr": f"*{dt}", **bn}
             gstrides = {**_strides("sg"), **_strides("so"), **_strides("sy")}
             out.append((_bn_act_bwd_kernel, CompileConfig(
-                f"bn_act_bwd/{dt}/{tag}", {**grads, "gamma_ptr": f"*{acc}", "sums_ptr": f"*{acc}", "gy_ptr": f"*{dt}",
+                f"bn_act_bwd/{dt}/{tag}", {**grads, "bn_weight_ptr": f"*{acc}", "sums_ptr": f"*{acc}", "gy_ptr": f"*{dt}",
                                           "gr_ptr": f"*{dt}", **shape, **eps, **gstrides,
                                           **{n: "constexpr" for n in (*flags, *ew)}},
                 dict(**flags, **ew), num_warps=EW_WARPS)))

@@ -1,21 +1,23 @@
-"""Triton kernels for the concat-free head's epilogue: ``head_forward`` / ``head_backward``.
+"""Triton kernels of the concat-free head's epilogue (``psp::add_branch_bn_relu`` and its backward).
 
-The branch term's last interpolation (along W), its add to the x-half conv output y, BatchNorm and ReLU
-(contract: ``psp_kernels.reference.head_forward``). Per (n, o, h) row the branch term is
-``u[n, o, h, :] @ bw^T``, K = kw * sum(bins) (36 for semseg's head): each program owns one (n, h) row
-and a block of BLOCK_O channels, holds its ``u`` tile [BLOCK_O, K] in registers, and walks the row in
+The branch term's last interpolation (along W), its add to the x-half conv output, BatchNorm and ReLU
+(contract: ``psp_kernels.reference.add_branch_bn_relu``). In the kernels ``y`` is the conv output
+(``conv_out``), ``u`` the branch rows (``branch_rows``), ``bw`` the W-axis interpolation weights
+(``width_interp``) and ``z = y + u @ bw^T`` BatchNorm's input (``bn_input``). Per (n, o, h) row the branch
+term is ``u[n, o, h, :] @ bw^T``, K = kw * sum(bins) (36 for semseg's head): each program owns one (n, h)
+row and a block of BLOCK_O channels, holds its ``u`` tile [BLOCK_O, K] in registers, and walks the row in
 BLOCK_W columns; the branch tile is one small ``tl.dot`` with ``bw``'s [BLOCK_W, K] tile, so neither the
 full-resolution branch term nor the 2C-channel concat exists in memory.
 
-==================  =============================================================  ========
-function            passes                                                         launches
-==================  =============================================================  ========
-head_forward eval   read y, u -> write out (and z when kept)                           1
-head_forward train  read y, u -> write z and per-row (mean, M2); merge rows in a        3
-                    fixed order (Chan's formula); read z -> write out
-head_backward       read g, z -> per-row (sum g', sum g' xhat); sum rows in order;      3
-                    read g, z -> write grad_y, and grad_u = grad_z @ bw per row
-==================  =============================================================  ========
+===================  ============================================================  ========
+function             passes                                                        launches
+===================  ============================================================  ========
+forward, eval        read y, u -> write out (and z when kept)                          1
+forward, training    read y, u -> write z and per-row (mean, M2); merge rows in a       3
+                     fixed order (Chan's formula); read z -> write out
+backward             read g, z -> per-row (sum g', sum g' xhat); sum rows in order;     3
+                     read g, z -> write grad_y, and grad_u = grad_z @ bw per row
+===================  ============================================================  ========
 
 g' is the gradient behind the ReLU (mask ``z * scale + shift > 0``). Every output element is written by
 one program reducing in a fixed order: bitwise deterministic, no atomics. Math in fp32 (fp64 for fp64);
@@ -64,7 +66,7 @@ def _head_fwd_kernel(
     y_ptr,                        # [N, O, H, W] conv output, NCHW or channels_last
     u_ptr,                        # [N, O, H, K] contiguous, acc dtype
     bw_ptr,                       # [W, K] contiguous, acc dtype
-    gamma_ptr, beta_ptr, mean_ptr, var_ptr,   # [O] acc dtype (running statistics; unused in training)
+    bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr,   # [O] acc dtype (running statistics; unused in training)
     z_ptr, out_ptr,               # y's dtype and strides
     part_ptr,                     # [2, N*H, O] acc: per-row mean and M2 (training)
     stat_mean_ptr, stat_var_ptr,  # [O] acc: the running statistics copied out (eval)
@@ -79,7 +81,7 @@ def _head_fwd_kernel(
     u = tl.load(u_ptr + ((n * O + offs_o).to(tl.int64) * H + h)[:, None] * K + offs_k[None, :],
                 mask=mask_o[:, None] & mask_k[None, :], other=0.0)
     if not TRAINING:
-        invstd, scale, shift, mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+        invstd, scale, shift, mean = bn_vectors(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, offs_o, mask_o,
                                                 eps_hi, eps_lo, ACC_DTYPE)
         if tl.program_id(0) == 0:
             tl.store(stat_mean_ptr + offs_o, mean, mask=mask_o)
@@ -144,12 +146,12 @@ def _merge_stats_kernel(part_ptr, mean_ptr, var_ptr, ROWS, O, W,
 
 
 @triton.jit
-def _head_norm_kernel(z_ptr, out_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, O, H, W, eps_hi, eps_lo,
+def _head_norm_kernel(z_ptr, out_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, O, H, W, eps_hi, eps_lo,
                       s_n, s_o, s_h, s_w,
                       BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Training forward, last pass: out = relu(z * scale + shift) with the batch statistics."""
     n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
-    _invstd, scale, shift, _mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi,
+    _invstd, scale, shift, _mean = bn_vectors(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, offs_o, mask_o, eps_hi,
                                               eps_lo, ACC_DTYPE)
     base = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
     for w0 in range(0, W, BLOCK_W):
@@ -172,13 +174,13 @@ def _relu_grad(g_ptr, z_ptr, goff, zoff, mask, scale, shift, ACC_DTYPE: tl.const
 
 
 @triton.jit
-def _head_bwd_sums_kernel(g_ptr, z_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, part_ptr,
+def _head_bwd_sums_kernel(g_ptr, z_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, part_ptr,
                           O, H, W, eps_hi, eps_lo,
                           sg_n, sg_o, sg_h, sg_w, s_n, s_o, s_h, s_w,
                           BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Per row: sum over w of g' * xhat and of g' -> part [2, N*H, O] (the row's grad_gamma, grad_beta)."""
+    """Per row: sum over w of g' * xhat and of g' -> part [2, N*H, O] (the row's grad_bn_weight, grad_bn_bias)."""
     n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
-    invstd, scale, shift, mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+    invstd, scale, shift, mean = bn_vectors(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, offs_o, mask_o,
                                             eps_hi, eps_lo, ACC_DTYPE)
     gbase = n.to(tl.int64) * sg_n + h.to(tl.int64) * sg_h
     zbase = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h
@@ -198,14 +200,14 @@ def _head_bwd_sums_kernel(g_ptr, z_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, 
 
 
 @triton.jit
-def _head_bwd_kernel(g_ptr, z_ptr, bw_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, sums_ptr,
+def _head_bwd_kernel(g_ptr, z_ptr, bw_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, sums_ptr,
                      gy_ptr, gu_ptr, O, H, W, K, eps_hi, eps_lo,
                      sg_n, sg_o, sg_h, sg_w, s_n, s_o, s_h, s_w,
                      TRAINING: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr,
                      K_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """grad_z of the row's tile -> grad_y (z's strides); grad_u[n, o, h, :] = sum_w grad_z * bw[w, :]."""
     n, h, offs_o, mask_o = _row_block(H, O, BLOCK_O)
-    invstd, scale, shift, mean = bn_vectors(gamma_ptr, beta_ptr, mean_ptr, var_ptr, offs_o, mask_o,
+    invstd, scale, shift, mean = bn_vectors(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, offs_o, mask_o,
                                             eps_hi, eps_lo, ACC_DTYPE)
     if TRAINING:
         count = tl.cast(tl.num_programs(0), ACC_DTYPE) * tl.cast(W, ACC_DTYPE)   # N*H*W
@@ -237,14 +239,14 @@ def _head_bwd_kernel(g_ptr, z_ptr, bw_ptr, gamma_ptr, beta_ptr, mean_ptr, var_pt
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-def _bn_args(gamma, beta, mean, var, acc: torch.dtype):
-    return [t.to(acc).contiguous() for t in (gamma, beta, mean, var)]
+def _bn_args(bn_weight, bn_bias, mean, var, acc: torch.dtype):
+    return [t.to(acc).contiguous() for t in (bn_weight, bn_bias, mean, var)]
 
 
 def _k_pad(k: int) -> int:
     pad = pow2(k)
     if pad not in K_PADS:
-        raise ValueError(f"u's last dim K = {k} is above the largest supported {K_PADS[-1]} (kw * sum(bins))")
+        raise ValueError(f"branch_rows' last dim K = {k} is above the largest supported {K_PADS[-1]} (kw * sum(bins))")
     return pad
 
 
@@ -252,10 +254,11 @@ def _grid(n: int, o: int, h: int) -> tuple[int, int]:
     return (n * h, triton.cdiv(o, BLOCK_O))
 
 
-def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, eps: float,
-                 keep_z: bool):
-    """Contract of ``psp_kernels.reference.head_forward``: returns ``(out, z, mean, var)``."""
+def add_branch_bn_relu(conv_out: torch.Tensor, branch_rows: torch.Tensor, width_interp: torch.Tensor,
+                       bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
+                       running_var: torch.Tensor, training: bool, eps: float, keep_bn_input: bool):
+    """Contract of ``psp_kernels.reference.add_branch_bn_relu``: returns ``(out, bn_input, mean, var)``."""
+    y, u, bw, keep_z = conv_out, branch_rows, width_interp, keep_bn_input
     n, o, h, w = y.shape
     k = u.shape[-1]
     acc = acc_dtype(y.dtype)
@@ -264,7 +267,7 @@ def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torc
     z = torch.empty_like(y) if training or keep_z else y.new_empty(0)
     mean = torch.empty(o, dtype=acc, device=y.device)
     var = torch.empty(o, dtype=acc, device=y.device)
-    bn = _bn_args(gamma, beta, running_mean, running_var, acc)
+    bn = _bn_args(bn_weight, bn_bias, running_mean, running_var, acc)
     part = torch.empty(2, n * h, o, dtype=acc, device=y.device) if training else mean
     hi, lo = eps_args(eps)
     strides = y.stride()
@@ -280,25 +283,28 @@ def head_forward(y: torch.Tensor, u: torch.Tensor, bw: torch.Tensor, gamma: torc
     return out, z, mean, var
 
 
-def head_backward(grad_out: torch.Tensor, z: torch.Tensor, bw: torch.Tensor, gamma: torch.Tensor,
-                  beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float):
-    """Contract of ``psp_kernels.reference.head_backward``: ``(grad_y, grad_u, grad_bn)``."""
+def add_branch_bn_relu_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, width_interp: torch.Tensor,
+                                bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                                training: bool, eps: float):
+    """Contract of ``psp_kernels.reference.add_branch_bn_relu_backward``: ``(grad_conv_out, grad_branch_rows,
+    grad_bn)``."""
+    z, bw = bn_input, width_interp
     n, o, h, w = z.shape
     k = bw.shape[1]
     acc = acc_dtype(z.dtype)
     tacc = acc_tl(z.dtype)
-    gamma, beta, mean, var = _bn_args(gamma, beta, mean, var, acc)
+    bn_weight, bn_bias, mean, var = _bn_args(bn_weight, bn_bias, mean, var, acc)
     hi, lo = eps_args(eps)
     part = torch.empty(2, n * h, o, dtype=acc, device=z.device)
     sums = torch.empty(2, o, dtype=acc, device=z.device)
     strides = (*grad_out.stride(), *z.stride())
-    _head_bwd_sums_kernel[_grid(n, o, h)](grad_out, z, gamma, beta, mean, var, part, o, h, w, hi, lo, *strides,
+    _head_bwd_sums_kernel[_grid(n, o, h)](grad_out, z, bn_weight, bn_bias, mean, var, part, o, h, w, hi, lo, *strides,
                                           BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, ACC_DTYPE=tacc, num_warps=NUM_WARPS)
     _sum_rows_kernel[(triton.cdiv(o, BLOCK_O), 2)](part, sums, n * h, o, BLOCK_O=BLOCK_O, BLOCK_ROWS=BLOCK_ROWS,
                                                     ACC_DTYPE=tacc, num_warps=NUM_WARPS)
     grad_y = torch.empty_like(z)
     grad_u = torch.empty(n, o, h, k, dtype=acc, device=z.device)
-    _head_bwd_kernel[_grid(n, o, h)](grad_out, z, bw, gamma, beta, mean, var, sums, grad_y, grad_u,
+    _head_bwd_kernel[_grid(n, o, h)](grad_out, z, bw, bn_weight, bn_bias, mean, var, sums, grad_y, grad_u,
                                      o, h, w, k, hi, lo, *strides, TRAINING=training, BLOCK_O=BLOCK_O,
                                      BLOCK_W=BLOCK_W, K_PAD=_k_pad(k), ACC_DTYPE=tacc, num_warps=NUM_WARPS)
     return grad_y, grad_u, sums
@@ -315,7 +321,7 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
         dt, acc = SIG_DTYPE[dtype], SIG_DTYPE[acc_dtype(dtype)]
         tacc = acc_tl(dtype)
         ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
-        bn = {"gamma_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}"}
+        bn = {"bn_weight_ptr": f"*{acc}", "bn_bias_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}"}
         eps = {"eps_hi": "fp32", "eps_lo": "fp32"}
         zs = ints("s_n", "s_o", "s_h", "s_w")
         gs = ints("sg_n", "sg_o", "sg_h", "sg_w")

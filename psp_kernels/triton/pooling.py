@@ -1,4 +1,4 @@
-"""Triton kernels for the multi-bin adaptive average pool: ``pool_forward`` and ``pool_backward``.
+"""Triton kernels of the multi-bin adaptive average pool (``psp::multibin_avg_pool`` and its backward).
 
 Both directions use the *separable* form of adaptive pooling. For packed cell ``q`` (bin ``k``, row
 cell ``i``, column cell ``j``, see :mod:`psp_kernels.geometry`):
@@ -26,7 +26,7 @@ is smaller than the bin, repeat rows/columns; the tables encode that directly.
 Nested path. When every bin divides the largest bin L and L divides H and W (semseg's bins 1/2/3/6 at
 60x60 or 90x90, the 473 and 713 crops), the windows nest: x is summed once into the L x L *fine cells*
 (``H/L x W/L`` pixels each: a row of x is loaded as an [L, W/L] tile and reduced along its second axis)
-and every coarser cell is the sum of the fine cells it covers (performance.md §1, design b). The
+and every coarser cell is the sum of the fine cells it covers (docs/ppm_byte_model.md). The
 backward forms the per-fine-cell gradient table ``D = sum_b g_b[parent_b] / area_b`` once and
 broadcasts it over the cells' pixels. Both are exact selections (``tl.where``) and sums, so a
 non-finite input stays in the cells that contain it.
@@ -36,8 +36,8 @@ every loaded element by 0 or 1, so a non-finite input (inf/nan) turns every cell
 nan (the reference keeps it to the cells containing it).
 
 Fused variants: the forward can copy the x tile it has loaded into the first C channels of the PPM's
-concat buffer (``pool_concat_forward``: x is read once for both), and the backward can add the
-pass-through gradient of x while it writes grad_x (``pool_backward_add``).
+concat buffer (``multibin_avg_pool_with_concat``: x is read once for both), and the backward can add the
+pass-through gradient of x while it writes grad_x (``multibin_avg_pool_backward_add``).
 
 """
 
@@ -51,7 +51,8 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets, is_channels_last, packed_size, window
-from .common import SIG_DTYPE, CompileConfig, acc_tl, cached_table, dot_upcast, load_cell_tables, pow2
+from ..table_cache import cached_table
+from .common import SIG_DTYPE, CompileConfig, acc_tl, dot_upcast, load_cell_tables, pow2
 
 # --------------------------------------------------------------------------------------------------
 # Bin tables
@@ -304,7 +305,7 @@ def _pool_forward(x: torch.Tensor, bins: Sequence[int], concat: torch.Tensor | N
     return out
 
 
-def pool_forward(x: torch.Tensor, bins: Sequence[int], *, config: str | None = None) -> torch.Tensor:
+def multibin_avg_pool(x: torch.Tensor, bins: Sequence[int], *, config: str | None = None) -> torch.Tensor:
     """Adaptive average pooling of ``x`` to every bin in one pass over x.
 
     Args:
@@ -319,9 +320,9 @@ def pool_forward(x: torch.Tensor, bins: Sequence[int], *, config: str | None = N
     return _pool_forward(x, bins, None, config)
 
 
-def pool_concat_forward(x: torch.Tensor, bins: Sequence[int], total_channels: int, *,
-                        config: str | None = None):
-    """:func:`pool_forward` that also writes x into the first C channels of a new concat buffer, from the
+def multibin_avg_pool_with_concat(x: torch.Tensor, bins: Sequence[int], total_channels: int, *,
+                                  config: str | None = None):
+    """:func:`multibin_avg_pool` that also writes x into the first C channels of a new concat buffer, from the
     tiles it loads anyway (x is read once). Returns ``(pooled [N, C, S], concat [N, total_channels, H, W])``
     in x's dtype and memory format; concat's other channels are left for ``upsample_into``."""
     n, c, h, w = x.shape
@@ -473,24 +474,24 @@ def _pool_backward(grad_pooled, bins, height, width, channels_last, residual, co
     return gx
 
 
-def pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
-                  channels_last: bool, *, config: str | None = None) -> torch.Tensor:
-    """Gradient of :func:`pool_forward` (gather formulation, deterministic, no atomics).
+def multibin_avg_pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
+                               channels_last: bool, *, config: str | None = None) -> torch.Tensor:
+    """Gradient of :func:`multibin_avg_pool` (gather formulation, deterministic, no atomics).
 
     Args:
         grad_pooled: [N, C, S] contiguous, fp16/bf16/fp32/fp64.
         bins, height, width: the forward's bins and x's spatial size.
         channels_last: return grad_x in channels_last instead of NCHW.
-        config: as :func:`pool_forward` (``POOL_BWD_CONFIGS`` names for the general path).
+        config: as :func:`multibin_avg_pool` (``POOL_BWD_CONFIGS`` names for the general path).
     Returns:
         grad_x [N, C, H, W] in grad_pooled's dtype and the requested memory format.
     """
     return _pool_backward(grad_pooled, bins, height, width, channels_last, None, config)
 
 
-def pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: torch.Tensor,
-                      channels_last: bool, *, config: str | None = None) -> torch.Tensor:
-    """``residual + pool_backward(grad_pooled, ...)`` in one pass: the residual (the pass-through
+def multibin_avg_pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: torch.Tensor,
+                                   channels_last: bool, *, config: str | None = None) -> torch.Tensor:
+    """``residual + multibin_avg_pool_backward(grad_pooled, ...)`` in one pass: the residual (the pass-through
     gradient of x, e.g. the view ``grad_concat[:, :C]``, any strides with stride(h) == W * stride(w))
     is read while grad_x is written, summed in the accumulation dtype and rounded once."""
     _, _, h, w = residual.shape
@@ -498,7 +499,7 @@ def pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Compile-only registry (tests/test_triton.py)
+# Compile-only registry (tests/test_kernels_compile.py)
 # --------------------------------------------------------------------------------------------------
 
 _X_STRIDES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_cn", "stride_cc", "stride_ch",

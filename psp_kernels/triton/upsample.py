@@ -1,4 +1,4 @@
-"""Triton kernels for bilinear upsampling + concat: ``upsample_forward`` / ``upsample_backward``.
+"""Triton kernels of the bilinear upsampling + concat (``psp::upsample_concat`` and its backward).
 
 Bilinear, align_corners=True, as ATen: for output row h of a bin of size b, ``src = h * (b-1)/(H-1)``
 (0 when H == 1), ``h0 = floor(src)``, ``h1 = min(h0 + 1, b - 1)``, ``lambda = src - h0``; the same for w.
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets, is_channels_last
-from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, cached_table, flat_hw_stride, pow2
+from ..table_cache import cached_table
+from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, flat_hw_stride, pow2
 
 def _tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device):
     """(i32 [2, nb] = sizes, packed offsets; acc [2, nb] = scale_h, scale_w), cached per device."""
@@ -127,8 +128,8 @@ def _launch_forward(x: torch.Tensor | None, branches: torch.Tensor, out: torch.T
         NB=nb, BLOCK_CH=bch, BLOCK_HW=bhw, ACC_DTYPE=acc_tl(out.dtype), num_warps=nw)
 
 
-def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], *,
-                     config: str | None = None) -> torch.Tensor:
+def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], *,
+                    config: str | None = None) -> torch.Tensor:
     """Concat of x and every branch upsampled bilinearly (align_corners=True) to x's size.
 
     Args:
@@ -150,7 +151,7 @@ def upsample_forward(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int
 def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], channels: int, *,
                   config: str | None = None) -> None:
     """Write every branch, upsampled, into ``concat[:, channels:]`` in place (x is already in the first
-    ``channels`` channels, from ``pool_concat_forward``): only the branch half of the concat is written.
+    ``channels`` channels, from ``multibin_avg_pool_with_concat``): only the branch half of the concat is written.
 
     Args:
         concat: [N, channels + nb*R, H, W], NCHW or channels_last; branches: [N, R, S] contiguous.
@@ -222,9 +223,9 @@ def _upsample_bwd_config(dtype: torch.dtype, channels_last: bool, r: int, w: int
     return "nchw" if w > 32 else "small"
 
 
-def upsample_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int, *,
-                      config: str | None = None) -> torch.Tensor:
-    """Gradient of :func:`upsample_forward` w.r.t. the packed branches (deterministic, no atomics).
+def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int, *,
+                             config: str | None = None) -> torch.Tensor:
+    """Gradient of :func:`upsample_concat` w.r.t. the packed branches (deterministic, no atomics).
 
     Args:
         grad_out: [N, C + nb*R, H, W], NCHW or channels_last (read in place), fp16/bf16/fp32/fp64.

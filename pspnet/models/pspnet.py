@@ -1,7 +1,8 @@
 """PSPNet: dilated ResNet + pyramid pooling + 3x3 classifier, with the deep-supervision aux head.
 
-Reproduces hszhao/semseg ``model/pspnet.py`` (structure, state_dict keys, forward, loss) with the pyramid
-pooling module replaced by :class:`psp_kernels.PyramidPooling` (same keys, fused kernels optional).
+Reproduces hszhao/semseg ``model/pspnet.py`` (structure, state_dict keys, forward, loss) with the head
+built as a :class:`psp_kernels.PSPHead` (same keys; fused pyramid pooling and the concat-free head optional)
+and the backbone's conv + BN + ReLU optionally fused (:func:`psp_kernels.nn.conv.fused_conv_bn`).
 Paper: Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017, Sec. 3 (3.2 PPM, 3.3 deep supervision,
 auxiliary loss weight 0.4).
 
@@ -26,10 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from psp_kernels import PyramidPooling
-from psp_kernels.conv import conv_bn_act_sequential
-from psp_kernels.head import HeadConv, concat_free_head
+from psp_kernels import PSPHead
 from psp_kernels.geometry import DEFAULT_BINS, check_bins
+from psp_kernels.nn import fused_conv_bn_sequence, psp_head
 
 from .resnet import RESNET_BLOCKS, ResNet, dilate_layer
 
@@ -50,12 +50,10 @@ def output_size(height: int, width: int, zoom_factor: int = 8) -> tuple[int, int
     return (height - 1) // 8 * zoom_factor + 1, (width - 1) // 8 * zoom_factor + 1
 
 
-def _head(in_channels: int, mid_channels: int, classes: int, dropout: float,
-          conv: Optional[nn.Module] = None) -> nn.Sequential:
-    """semseg's ``cls``/``aux`` head: 3x3 conv (no bias) - BN - ReLU - Dropout2d - 1x1 conv (bias); ``conv``
-    replaces the 3x3 conv (the concat-free head's :class:`psp_kernels.head.HeadConv`, same keys)."""
+def _aux_head(in_channels: int, mid_channels: int, classes: int, dropout: float) -> nn.Sequential:
+    """semseg's ``aux`` head: 3x3 conv (no bias) - BN - ReLU - Dropout2d - 1x1 conv (bias)."""
     return nn.Sequential(
-        conv or nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+        nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
         nn.BatchNorm2d(mid_channels),
         nn.ReLU(inplace=True),
         nn.Dropout2d(p=dropout),
@@ -76,11 +74,13 @@ class PSPNet(nn.Module):
             :func:`output_size`).
         aux_weight: weight of the aux loss, stored for the trainer (``loss = main + aux_weight * aux``;
             semseg: 0.4). Not used inside the model. Must be >= 0.
-        fused: the fused PPM kernels (:class:`psp_kernels.PyramidPooling`) and the concat-free head
-            (:func:`psp_kernels.head.concat_free_head`: ``cls.0``-``cls.2`` without the 2C-channel concat);
-            and the backbone's conv + BN (+ residual) + ReLU as one op each (:mod:`psp_kernels.conv`: BN folded
-            into the conv in eval mode, the fused training ops on GPU); ``False`` runs semseg's module math for
+        fused: the default of the three switches below: ``True`` all fused, ``False`` semseg's module math for
             all of them. Same parameters and results either way.
+        fused_ppm: the pyramid pooling module runs the fused kernels (:class:`psp_kernels.PyramidPooling`).
+        concat_free_head: ``cls.0``-``cls.2`` without the 2C-channel concat (:class:`psp_kernels.PSPHead`).
+        fused_backbone: the backbone's conv + BN (+ residual) + ReLU as one op each
+            (:func:`psp_kernels.nn.conv.fused_conv_bn`: BN folded into the conv in eval mode, the fused
+            training op on GPU).
         criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
             ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
         deep_stem: semseg's 3x3 deep stem (default); ``False``: torchvision's 7x7 stem (``layer0`` =
@@ -104,7 +104,9 @@ class PSPNet(nn.Module):
 
     def __init__(self, layers: int = 50, classes: int = 2, bins: Sequence[int] = DEFAULT_BINS,
                  dropout: float = 0.1, zoom_factor: int = 8, aux_weight: float = 0.4, fused: bool = True,
-                 criterion: Optional[Callable[..., torch.Tensor]] = None, deep_stem: bool = True):
+                 criterion: Optional[Callable[..., torch.Tensor]] = None, deep_stem: bool = True, *,
+                 fused_ppm: Optional[bool] = None, concat_free_head: Optional[bool] = None,
+                 fused_backbone: Optional[bool] = None):
         super().__init__()
         # --- validate everything before building the (large) backbone
         for name, value in (("layers", layers), ("classes", classes), ("zoom_factor", zoom_factor)):
@@ -138,13 +140,16 @@ class PSPNet(nn.Module):
         self.dropout = float(dropout)
         self.zoom_factor = zoom_factor
         self.aux_weight = float(aux_weight)
-        self.fused = bool(fused)
+        self.fused_ppm = bool(fused) if fused_ppm is None else bool(fused_ppm)
+        self.concat_free_head = bool(fused) if concat_free_head is None else bool(concat_free_head)
+        self.fused_backbone = bool(fused) if fused_backbone is None else bool(fused_backbone)
         self.fea_dim = fea_dim
         self.criterion = criterion  # registered first, as in semseg; CrossEntropyLoss has no state
 
         # --- backbone (semseg: ResNet deep_base, stem re-wrapped as layer0, then dilation surgery)
         self.deep_stem = bool(deep_stem)
-        resnet = ResNet(block, RESNET_BLOCKS[layers][1], num_classes=None, deep_base=self.deep_stem, fused=fused)
+        resnet = ResNet(block, RESNET_BLOCKS[layers][1], num_classes=None, deep_base=self.deep_stem,
+                        fused=self.fused_backbone)
         stem = [resnet.conv1, resnet.bn1, resnet.relu]
         if self.deep_stem:
             stem += [resnet.conv2, resnet.bn2, resnet.relu, resnet.conv3, resnet.bn3, resnet.relu]
@@ -154,19 +159,12 @@ class PSPNet(nn.Module):
         dilate_layer(self.layer3, 2)
         dilate_layer(self.layer4, 4)
 
-        # --- heads
-        self.ppm = PyramidPooling(fea_dim, fea_dim // len(bins), bins, fused=fused)
-        self.cls = _head(fea_dim * 2, 512, classes, dropout, HeadConv(fea_dim, fea_dim, 512) if fused else None)
+        # --- heads: the PSPHead's modules, registered under semseg's names (``ppm.*``, ``cls.0``-``cls.4``)
+        head = PSPHead(fea_dim, fea_dim // len(bins), 512, bins, fused_ppm=self.fused_ppm,
+                       concat_free=self.concat_free_head, classes=classes, dropout=dropout)
+        self.ppm, self.cls = head.ppm, head.cls
         aux_in = 256 * block.expansion
-        self.aux = _head(aux_in, 256, classes, dropout)
-
-    def backbone_modules(self) -> list[nn.Module]:
-        """``[layer0, ..., layer4]``: semseg's base-LR parameter groups (``tool/train.py``)."""
-        return [self.layer0, self.layer1, self.layer2, self.layer3, self.layer4]
-
-    def head_modules(self) -> list[nn.Module]:
-        """``[ppm, cls, aux]``: semseg's 10x-LR parameter groups (``index_split = 5``)."""
-        return [self.ppm, self.cls, self.aux]
+        self.aux = _aux_head(aux_in, 256, classes, dropout)
 
     def _check_inputs(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if not isinstance(x, torch.Tensor):
@@ -220,15 +218,11 @@ class PSPNet(nn.Module):
         y = self._check_inputs(x, y)
         h, w = output_size(x.shape[2], x.shape[3], self.zoom_factor)
 
-        x = conv_bn_act_sequential(self.layer0, x) if self.fused else self.layer0(x)
+        x = fused_conv_bn_sequence(self.layer0, x) if self.fused_backbone else self.layer0(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x_tmp = self.layer3(x)
-        x = self.layer4(x_tmp)
-        if self.fused:
-            x = self.cls[4](self.cls[3](concat_free_head(x, self.ppm, self.cls[0], self.cls[1])))
-        else:
-            x = self.cls(self.ppm(x))
+        x = psp_head(self.layer4(x_tmp), self.ppm, self.cls, self.concat_free_head)
         if tuple(x.shape[2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
 
@@ -243,7 +237,8 @@ class PSPNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, classes={self.classes}, bins={self.bins}, zoom_factor={self.zoom_factor}, "
-                f"aux_weight={self.aux_weight}, fused={self.fused}")
+                f"aux_weight={self.aux_weight}, fused_ppm={self.fused_ppm}, concat_free_head={self.concat_free_head}, "
+                f"fused_backbone={self.fused_backbone}")
 
 
 class LoadResult(NamedTuple):

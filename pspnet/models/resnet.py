@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
-from psp_kernels.conv import conv_bn_act, conv_bn_act_sequential
+from psp_kernels.nn.conv import fused_conv_bn, fused_conv_bn_sequence
 
 __all__ = [
     "BasicBlock",
@@ -57,8 +57,9 @@ class BasicBlock(nn.Module):
         planes: output channels.
         stride: stride of ``conv1`` (and of ``downsample``, which the caller builds).
         downsample: module applied to x for the residual when shapes differ, or None.
-        fused: in eval mode run each conv + BN (+ residual) + ReLU as one op with BN folded into the conv
-            (:func:`psp_kernels.conv.conv_bn_act`); training always runs the modules.
+        fused: run each conv + BN (+ residual) + ReLU through :func:`psp_kernels.nn.conv.fused_conv_bn`: one op
+            with BN folded into the conv in eval mode, the fused training op in training on a GPU, the modules
+            otherwise.
     """
 
     expansion = 1
@@ -77,8 +78,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            residual = x if self.downsample is None else conv_bn_act_sequential(self.downsample, x)
-            return conv_bn_act(conv_bn_act(x, self.conv1, self.bn1), self.conv2, self.bn2, residual=residual)
+            residual = x if self.downsample is None else fused_conv_bn_sequence(self.downsample, x)
+            return fused_conv_bn(fused_conv_bn(x, self.conv1, self.bn1), self.conv2, self.bn2, residual=residual)
         residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -120,9 +121,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            residual = x if self.downsample is None else conv_bn_act_sequential(self.downsample, x)
-            out = conv_bn_act(conv_bn_act(x, self.conv1, self.bn1), self.conv2, self.bn2)
-            return conv_bn_act(out, self.conv3, self.bn3, residual=residual)
+            residual = x if self.downsample is None else fused_conv_bn_sequence(self.downsample, x)
+            out = fused_conv_bn(fused_conv_bn(x, self.conv1, self.bn1), self.conv2, self.bn2)
+            return fused_conv_bn(out, self.conv3, self.bn3, residual=residual)
         residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -144,8 +145,8 @@ class ResNet(nn.Module):
         layers: number of blocks in ``layer1..layer4`` (4 ints >= 1).
         deep_base: True (semseg/PSPNet): 3x3 stem ``conv1/bn1/conv2/bn2/conv3/bn3`` ending at 128
             channels. False: the torchvision 7x7 ``conv1/bn1`` stem ending at 64 channels.
-        fused: blocks and stem run each conv + BN (+ residual) + ReLU as one op with BN folded in, in eval
-            mode (:mod:`psp_kernels.conv`); training runs the modules either way.
+        fused: blocks and stem run each conv + BN (+ residual) + ReLU through
+            :func:`psp_kernels.nn.conv.fused_conv_bn` (see :class:`BasicBlock`).
         num_classes: size of the ``fc`` classifier (semseg: 1000), or None for no ``avgpool``/``fc``
             (forward then returns the ``layer4`` feature map).
 
@@ -221,9 +222,9 @@ class ResNet(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Stem incl. maxpool: [N, 3, H, W] -> [N, 128 (deep) or 64, H/4, W/4]."""
         if self.fused:
-            x = conv_bn_act(x, self.conv1, self.bn1)
+            x = fused_conv_bn(x, self.conv1, self.bn1)
             if self.deep_base:
-                x = conv_bn_act(conv_bn_act(x, self.conv2, self.bn2), self.conv3, self.bn3)
+                x = fused_conv_bn(fused_conv_bn(x, self.conv2, self.bn2), self.conv3, self.bn3)
             return self.maxpool(x)
         x = self.relu(self.bn1(self.conv1(x)))
         if self.deep_base:

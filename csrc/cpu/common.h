@@ -1,13 +1,15 @@
-// CPU kernels of the fused pyramid pooling module (PPM): shared declarations and small helpers.
+// Helpers shared by the C++ CPU kernels (csrc/cpu/*.cpp): packed bins, adaptive windows, bilinear taps,
+// layouts, argument checks and parallel grain sizes.
 //
-// Interface: the six functions of psp_kernels/reference.py, its three fused-pass variants and the
-// concat-free head's epilogue (same arguments, results, dtypes and memory formats). Layout
-// conventions (psp_kernels/geometry.py):
+// Each kernel file registers its kernels for the psp_native::<op> schemas (declared in Python by
+// psp_kernels.dispatch.define, the same schemas as the public psp::<op>) with
+// TORCH_LIBRARY_IMPL(psp_native, CPU, m); arguments, results, dtypes and memory formats are those of the
+// op's reference (psp_kernels/reference.py). Layout conventions (psp_kernels/geometry.py):
 //   - x [N, C, H, W] is read natively when NCHW-contiguous or channels_last (NHWC); any other
 //     strides are made contiguous first (see `kernel_layout`).
 //   - pooled [N, C, S] and branches [N, R, S] pack all bins of one (n, c) into one row of
 //     S = sum(b*b) values; bin k occupies [offset_k, offset_k + b_k^2) in row-major (i, j) order.
-//   - z, mean, var and all parameter gradients are in the accumulation dtype
+//   - bn_input, mean, var and all parameter gradients are in the accumulation dtype
 //     (at::opmath_type: double for double, float for float/half/bfloat16).
 //
 // Determinism: every kernel partitions its *outputs* over at::parallel_for tasks; each output
@@ -19,6 +21,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -26,55 +29,6 @@
 #include <vector>
 
 namespace psp::cpu {
-
-// ----------------------------------------------------------------------------------------------
-// The six backend functions (see psp_kernels/reference.py for the full contracts).
-// ----------------------------------------------------------------------------------------------
-
-// pooling.cpp
-at::Tensor pool_forward(const at::Tensor& x, const std::vector<int64_t>& bins);
-at::Tensor pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
-                         int64_t height, int64_t width, bool channels_last);
-// Fused-pass variants (psp_kernels/reference.py): pooling that also copies x into a new concat
-// buffer [N, total_channels, H, W]; the pooling gradient plus a pass-through residual (any strides).
-std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x, const std::vector<int64_t>& bins,
-                                                       int64_t total_channels);
-at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
-                             const at::Tensor& residual, bool channels_last);
-
-// projection.cpp
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
-    const at::Tensor& pooled, const std::vector<at::Tensor>& weights,
-    const std::vector<at::Tensor>& gammas, const std::vector<at::Tensor>& betas,
-    const std::vector<at::Tensor>& running_means, const std::vector<at::Tensor>& running_vars,
-    const std::vector<int64_t>& bins, bool training, double eps);
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-project_backward(const at::Tensor& grad_out, const at::Tensor& pooled, const at::Tensor& z,
-                 const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
-                 const std::vector<at::Tensor>& betas, const at::Tensor& mean, const at::Tensor& var,
-                 const std::vector<int64_t>& bins, bool training, double eps);
-
-// upsample.cpp
-at::Tensor upsample_forward(const at::Tensor& x, const at::Tensor& branches,
-                            const std::vector<int64_t>& bins);
-at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64_t>& bins,
-                             int64_t channels);
-// Writes the upsampled branches into concat[:, channels:] in place (x is already in concat[:, :channels]).
-void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
-                   int64_t channels);
-
-// head.cpp
-// The concat-free head's epilogue (psp_kernels/reference.py: head_forward, head_backward; CPU only):
-// relu(bn(y + u @ bw^T)) with y [N, O, H, W] (NCHW or channels_last), u [N, O, H, K] and bw [W, K] in the
-// accumulation dtype; returns (out, z, mean, var), and (grad_y, grad_u, grad_bn [2, O] = (grad_gamma,
-// grad_beta)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward(
-    const at::Tensor& y, const at::Tensor& u, const at::Tensor& bw, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
-    double eps, bool keep_z);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
-    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& bw, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, bool training, double eps);
 
 // ----------------------------------------------------------------------------------------------
 // Packed bin layout.

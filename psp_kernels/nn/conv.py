@@ -1,12 +1,12 @@
 """Backbone conv + BatchNorm (+ residual) + ReLU as fused ops, on the modules' own parameters.
 
-Inference: BatchNorm is the affine map ``z * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``,
-so ``bn(conv(x; w)) = conv(x; w * s) + (beta - mean * s)``: one convolution with a bias, whose epilogue also
-adds the residual and applies ReLU (:func:`psp_kernels.ops.conv_bias_act`). The folded weights are cached
+Inference: BatchNorm is the affine map ``z * s + (bn_bias - mean * s)`` with ``s = bn_weight / sqrt(var + eps)``,
+so ``bn(conv(x; w)) = conv(x; w * s) + (bn_bias - mean * s)``: one convolution with a bias, whose epilogue also
+adds the residual and applies ReLU (:func:`psp_kernels.ops.folded_conv`). The folded weights are cached
 per (conv, BatchNorm) pair and rebuilt when a parameter or running statistic changes (version counters and
 storage), so inference pays for folding once.
 
-Training on a GPU: :func:`psp_kernels.ops.conv_bn_act_train` takes BatchNorm's batch statistics in the conv's
+Training on a GPU: :func:`psp_kernels.ops.training_conv` takes BatchNorm's batch statistics in the conv's
 epilogue and applies BatchNorm + residual + ReLU in one pass (running statistics updated as
 ``nn.BatchNorm2d``). Training on CPU, a SyncBatchNorm across processes, and pairs the ops do not cover run
 the modules as they are. The modules keep their parameters, so semseg's state_dict keys are unchanged.
@@ -22,16 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import syncs_statistics
-from .ops.conv import conv_bias_act, conv_bn_act_train
+from ..batchnorm import syncs_statistics
+from ..ops.conv import folded_conv, training_conv
 
-__all__ = ["fold_bn", "foldable", "conv_bn_act", "conv_bn_act_sequential"]
+__all__ = ["fold_bn", "foldable", "fused_conv_bn", "fused_conv_bn_sequence"]
 
 _FOLDED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
 
 
 def foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """True when ``bn(conv(x))`` in eval mode is one :func:`conv_bias_act`: a 2-D conv with a square kernel,
+    """True when ``bn(conv(x))`` in eval mode is one :func:`folded_conv`: a 2-D conv with a square kernel,
     equal stride / padding / dilation on both axes, zero padding and groups 1, followed by a BatchNorm with
     running statistics."""
     return (isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm) and conv.groups == 1
@@ -43,7 +43,7 @@ def foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def fold_bn(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eval-mode ``bn(conv(.))`` as one conv: ``(weight * s, beta - mean * s + bias * s)``.
+    """The eval-mode ``bn(conv(.))`` as one conv: ``(weight * s, bn_bias - mean * s + bias * s)``.
 
     Args:
         conv: a conv :func:`foldable` with ``bn``; bn: its BatchNorm (affine or not).
@@ -93,8 +93,8 @@ def _trains_fused(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm) -> bool:
             and bn.track_running_stats and not syncs_statistics(bn))
 
 
-def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = True,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = True,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``relu?(bn(conv(x)) + residual?)``: in eval mode one fused op with BatchNorm folded in (a
     :func:`foldable` pair); in training on a GPU the fused training op (statistics from the conv's epilogue,
     one BatchNorm + residual + ReLU pass); the modules themselves otherwise. Training uses batch statistics and
@@ -112,9 +112,9 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = T
     """
     if bn.training and _trains_fused(x, conv, bn):
         x = _autocast_input(x)
-        return conv_bn_act_train(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
-                                 conv.stride[0], conv.padding[0], conv.dilation[0], relu, bn.momentum, bn.eps,
-                                 bn.num_batches_tracked)
+        return training_conv(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+                             conv.stride[0], conv.padding[0], conv.dilation[0], relu, bn.momentum, bn.eps,
+                             bn.num_batches_tracked)
     if bn.training or not foldable(conv, bn):
         y = bn(conv(x))
         if residual is not None:
@@ -126,18 +126,18 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool = T
         weight, bias = fold_bn(conv, bn)
     else:
         weight, bias = _cached_fold(conv, bn)
-    return conv_bias_act(x, weight, bias, residual, conv.stride[0], conv.padding[0], conv.dilation[0], relu)
+    return folded_conv(x, weight, bias, residual, conv.stride[0], conv.padding[0], conv.dilation[0], relu)
 
 
-def conv_bn_act_sequential(modules: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def fused_conv_bn_sequence(modules: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Run ``modules`` with every (conv, BatchNorm[, ReLU]) run of consecutive modules as one
-    :func:`conv_bn_act` (semseg's ``layer0`` stem and ``downsample`` blocks); other modules run as they are."""
+    :func:`fused_conv_bn` (semseg's ``layer0`` stem and ``downsample`` blocks); other modules run as they are."""
     mods = list(modules)
     i = 0
     while i < len(mods):
         if i + 1 < len(mods) and isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], _BatchNorm):
             relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
-            x = conv_bn_act(x, mods[i], mods[i + 1], relu=relu)
+            x = fused_conv_bn(x, mods[i], mods[i + 1], relu=relu)
             i += 3 if relu else 2
         else:
             x = mods[i](x)

@@ -1,8 +1,9 @@
-// Per-bin 1x1 conv + BatchNorm + ReLU on the packed pooled tensor on CUDA (project_forward) and its
-// gradient (project_backward). Same math as csrc/cpu/projection.cpp and psp_kernels/reference.py.
+// Every bin's 1x1 reduction conv + BatchNorm + ReLU on the packed pooled tensor on CUDA
+// (psp::reduction_conv_bn_relu) and its gradient. Same math as csrc/cpu/reduction.cpp and
+// psp_kernels/reference.py.
 //
 // Per bin k (bb = b_k^2, M_k = N*bb rows, row m = n*bb + s) the packed tensors are GEMM operands without
-// any copy: P_k[m, c] = pooled[n, c, off_k + s] and Z_k[m, r] = z[n, r, off_k + s]. The GEMMs are tiny
+// any copy: P_k[m, c] = pooled[n, c, off_k + s] and Z_k[m, r] = bn_input[n, r, off_k + s]. The GEMMs are tiny
 // ([M_k, C] x [C, R]); one tiled kernel body (shared-memory tiles, register blocking, FMAs in the
 // accumulation type, K ascending: no split-K, no atomics) serves all three, gridded over
 // (bin, i tile, j tile):
@@ -13,11 +14,11 @@
 // BatchNorm statistics (two-pass: mean, then centered variance) and the BN + ReLU backward run one warp
 // per (bin, channel) over its M_k values: a fixed per-lane order, then a fixed warp tree.
 //
-// Launches: project_forward in eval 1 (the GEMM's epilogue applies BN + ReLU with the running
-// statistics and copies them to mean/var), in training 2 (GEMM -> z; statistics, BN, ReLU);
-// project_backward 3 (BN backward -> dz; dgrad; wgrad). Per-bin weights and BN parameters reach the
+// Launches: the forward in eval 1 (the GEMM's epilogue applies BN + ReLU with the running statistics
+// and copies them to mean/var), in training 2 (GEMM -> bn_input; statistics, BN, ReLU); the backward 3
+// (BN backward -> dz; dgrad; wgrad). Per-bin weights and BN parameters reach the
 // kernels as pointers in by-value structs (no stacking, no host-to-device copy).
-#include "ppm_cuda.h"
+#include "common.cuh"
 #include "../bn_affine.h"
 
 namespace psp::cuda {
@@ -59,8 +60,8 @@ struct Param {
 };
 
 struct BnParams {
-  Param gamma[kMaxBins];
-  Param beta[kMaxBins];
+  Param bn_weight[kMaxBins];
+  Param bn_bias[kMaxBins];
   Param mean[kMaxBins];  // running statistics (eval forward only)
   Param var[kMaxBins];
 };
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     BnAffine<acc_t> affine{};
     if (!training) {
       const acc_t mu = load_param<acc_t>(bn.mean[k], r), va = load_param<acc_t>(bn.var[k], r);
-      affine = bn_affine(load_param<acc_t>(bn.gamma[k], r), load_param<acc_t>(bn.beta[k], r), mu, va, eps);
+      affine = bn_affine(load_param<acc_t>(bn.bn_weight[k], r), load_param<acc_t>(bn.bn_bias[k], r), mu, va, eps);
       if (tile.i0 == 0 && ti == 0) {
         mean[k * R + r] = mu;
         var[k * R + r] = va;
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   const acc_t va = warp_sum(sq) / static_cast<acc_t>(M);
   const BnAffine<acc_t> affine =
-      bn_affine(load_param<acc_t>(bn.gamma[k], r), load_param<acc_t>(bn.beta[k], r), mu, va, eps);
+      bn_affine(load_param<acc_t>(bn.bn_weight[k], r), load_param<acc_t>(bn.bn_bias[k], r), mu, va, eps);
   for (int m = lane; m < M; m += 32) {
     const int64_t i = packed_index(m, r, R, S, off, bb);
     out[i] = static_cast<scalar_t>(relu(z[i] * affine.scale + affine.shift));
@@ -342,9 +343,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // BN + ReLU backward. Block = (bin k, kWarps channels), one warp per channel r: pass 1 reduces
-// dbeta = sum g and dgamma = sum g * xhat (g = grad_out where BN(z) > 0, else 0), pass 2 writes
-// dz = gamma*invstd * (g - dbeta/M - xhat * dgamma/M) in training (through the batch statistics),
-// gamma*invstd * g in eval.
+// dbn_bias = sum g and dbn_weight = sum g * xhat (g = grad_out where BN(z) > 0, else 0), pass 2 writes
+// dz = bn_weight*invstd * (g - dbn_bias/M - xhat * dbn_weight/M) in training (through the batch statistics),
+// bn_weight*invstd * g in eval.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32)
     project_bn_backward_kernel(const scalar_t* __restrict__ grad_out, const at::opmath_type<scalar_t>* __restrict__ z,
@@ -352,15 +353,15 @@ __global__ void __launch_bounds__(kWarps * 32)
                                const at::opmath_type<scalar_t>* __restrict__ var, const __grid_constant__ BnParams bn,
                                const __grid_constant__ BinTable bins, int N, int R, int S, double eps, bool training,
                                at::opmath_type<scalar_t>* __restrict__ dz,
-                               at::opmath_type<scalar_t>* __restrict__ dgamma,
-                               at::opmath_type<scalar_t>* __restrict__ dbeta) {
+                               at::opmath_type<scalar_t>* __restrict__ dbn_weight,
+                               at::opmath_type<scalar_t>* __restrict__ dbn_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int rblocks = static_cast<int>(div_up(R, kWarps));
   const int k = blockIdx.x / rblocks, r = (blockIdx.x % rblocks) * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (r >= R) return;  // the whole warp
   const int bb = bins.size[k] * bins.size[k], off = bins.offset[k], M = N * bb;
-  const acc_t mu = mean[k * R + r], gamma = load_param<acc_t>(bn.gamma[k], r);
-  const BnAffine<acc_t> affine = bn_affine(gamma, load_param<acc_t>(bn.beta[k], r), mu, var[k * R + r], eps);
+  const acc_t mu = mean[k * R + r], bn_weight = load_param<acc_t>(bn.bn_weight[k], r);
+  const BnAffine<acc_t> affine = bn_affine(bn_weight, load_param<acc_t>(bn.bn_bias[k], r), mu, var[k * R + r], eps);
   auto masked_grad = [&](int64_t i) {
     return z[i] * affine.scale + affine.shift > acc_t(0) ? static_cast<acc_t>(grad_out[i]) : acc_t(0);
   };
@@ -373,10 +374,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   const acc_t sum_g = warp_sum(sg), sum_gx = warp_sum(sgx);
   if (lane == 0) {
-    dbeta[k * R + r] = sum_g;
-    dgamma[k * R + r] = sum_gx;
+    dbn_bias[k * R + r] = sum_g;
+    dbn_weight[k * R + r] = sum_gx;
   }
-  const acc_t gi = gamma * affine.invstd;
+  const acc_t gi = bn_weight * affine.invstd;
   const acc_t mean_g = sum_g / static_cast<acc_t>(M), mean_gx = sum_gx / static_cast<acc_t>(M);
   for (int m = lane; m < M; m += 32) {
     const int64_t i = packed_index(m, r, R, S, off, bb);
@@ -516,9 +517,9 @@ void with_weight_type(const Weights& weights, F&& f) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
-    const at::Tensor& pooled_in, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
-    const std::vector<at::Tensor>& betas, const std::vector<at::Tensor>& running_means,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_relu(
+    const at::Tensor& pooled_in, const std::vector<at::Tensor>& conv_weights, const std::vector<at::Tensor>& bn_weights,
+    const std::vector<at::Tensor>& bn_biases, const std::vector<at::Tensor>& running_means,
     const std::vector<at::Tensor>& running_vars, const std::vector<int64_t>& bins, bool training, double eps) {
   const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   const PackedBins pb = cuda_bins(bins);
@@ -526,12 +527,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
   const c10::cuda::CUDAGuard guard(pooled_in.device());
   const at::Tensor pooled = pooled_in.contiguous();
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pb.total, nb = pb.count();
-  const Weights wts = prepare_weights(weights, pb, pooled);
+  const Weights wts = prepare_weights(conv_weights, pb, pooled);
   const int64_t R = wts.R;
   std::vector<at::Tensor> keep;
   BnParams bn{};
-  param_ptrs(gammas, "gammas", pb, R, pooled.device(), bn.gamma, keep);
-  param_ptrs(betas, "betas", pb, R, pooled.device(), bn.beta, keep);
+  param_ptrs(bn_weights, "bn_weights", pb, R, pooled.device(), bn.bn_weight, keep);
+  param_ptrs(bn_biases, "bn_biases", pb, R, pooled.device(), bn.bn_bias, keep);
   if (!training) {
     param_ptrs(running_means, "running_means", pb, R, pooled.device(), bn.mean, keep);
     param_ptrs(running_vars, "running_vars", pb, R, pooled.device(), bn.var, keep);
@@ -576,27 +577,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
   return {out, z, mean, var};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-project_backward(const at::Tensor& grad_out_in, const at::Tensor& pooled_in, const at::Tensor& z_in,
-                 const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
-                 const std::vector<at::Tensor>& betas, const at::Tensor& mean_in, const at::Tensor& var_in,
-                 const std::vector<int64_t>& bins, bool training, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_relu_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& pooled_in, const at::Tensor& z_in,
+    const std::vector<at::Tensor>& conv_weights, const std::vector<at::Tensor>& bn_weights,
+    const std::vector<at::Tensor>& bn_biases, const at::Tensor& mean_in, const at::Tensor& var_in,
+    const std::vector<int64_t>& bins, bool training, double eps) {
   const at::NoGradGuard no_grad;  // explicit gradients: the ATen ops used here must not record autograd
   const PackedBins pb = cuda_bins(bins);
   check_cuda_packed(pooled_in, "pooled", pb);
   const at::Device device = pooled_in.device();
   check_cuda_packed(grad_out_in, "grad_out", pb, device);
-  check_cuda_packed(z_in, "z", pb, device);
+  check_cuda_packed(z_in, "bn_input", pb, device);
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor pooled = pooled_in.contiguous();
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pb.total, nb = pb.count();
-  const Weights wts = prepare_weights(weights, pb, pooled);
+  const Weights wts = prepare_weights(conv_weights, pb, pooled);
   const int64_t R = wts.R;
   const at::ScalarType acc = cpu::acc_dtype(pooled.scalar_type());
   TORCH_CHECK(grad_out_in.size(0) == N && grad_out_in.size(1) == R && z_in.size(0) == N && z_in.size(1) == R,
-              "psp_kernels (CUDA): grad_out and z must be [N, R, S] = [", N, ", ", R, ", ", S, "], got ",
+              "psp_kernels (CUDA): grad_out and bn_input must be [N, R, S] = [", N, ", ", R, ", ", S, "], got ",
               grad_out_in.sizes(), " and ", z_in.sizes());
-  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels (CUDA): z must be in the accumulation dtype ", acc, ", got ",
+  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels (CUDA): bn_input must be in the accumulation dtype ", acc, ", got ",
               z_in.scalar_type());
   TORCH_CHECK(grad_out_in.scalar_type() == pooled.scalar_type(), "psp_kernels (CUDA): grad_out must have pooled's ",
               "dtype ", pooled.scalar_type(), ", got ", grad_out_in.scalar_type());
@@ -606,19 +607,19 @@ project_backward(const at::Tensor& grad_out_in, const at::Tensor& pooled_in, con
   check_cuda(var_in, "var", var_in.dim(), device);
   std::vector<at::Tensor> keep;
   BnParams bn{};
-  param_ptrs(gammas, "gammas", pb, R, device, bn.gamma, keep);
-  param_ptrs(betas, "betas", pb, R, device, bn.beta, keep);
+  param_ptrs(bn_weights, "bn_weights", pb, R, device, bn.bn_weight, keep);
+  param_ptrs(bn_biases, "bn_biases", pb, R, device, bn.bn_bias, keep);
   const at::Tensor mean = mean_in.to(acc).contiguous(), var = var_in.to(acc).contiguous();
   const at::Tensor go = grad_out_in.contiguous(), z = z_in.contiguous();
 
   const auto acc_opts = pooled.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dz = at::empty({N, R, S}, acc_opts);
-  at::Tensor dgamma = at::empty({nb, R}, acc_opts);
-  at::Tensor dbeta = at::empty({nb, R}, acc_opts);
+  at::Tensor dbn_weight = at::empty({nb, R}, acc_opts);
+  at::Tensor dbn_bias = at::empty({nb, R}, acc_opts);
   at::Tensor gw = at::empty({nb, R, C}, acc_opts);
   at::Tensor grad_pooled = at::empty({N, C, S}, pooled.options().memory_format(at::MemoryFormat::Contiguous));
   if (dz.numel() == 0) {  // no rows or channels: every gradient is an empty sum
-    for (at::Tensor* t : {&dgamma, &dbeta, &gw, &grad_pooled}) t->zero_();
+    for (at::Tensor* t : {&dbn_weight, &dbn_bias, &gw, &grad_pooled}) t->zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_cuda_project_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -626,7 +627,7 @@ project_backward(const at::Tensor& grad_out_in, const at::Tensor& pooled_in, con
       project_bn_backward_kernel<scalar_t><<<grid_1d(nb * div_up(R, kWarps)), kWarps * 32, 0, stream>>>(
           go.const_data_ptr<scalar_t>(), z.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
           var.const_data_ptr<acc_t>(), bn, bin_table(pb), static_cast<int>(N), static_cast<int>(R),
-          static_cast<int>(S), eps, training, dz.data_ptr<acc_t>(), dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
+          static_cast<int>(S), eps, training, dz.data_ptr<acc_t>(), dbn_weight.data_ptr<acc_t>(), dbn_bias.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (C > 0) {
         const BinGrid dgrad = bin_grid(pb, N, true, 0, C);
@@ -645,13 +646,12 @@ project_backward(const at::Tensor& grad_out_in, const at::Tensor& pooled_in, con
       }
     });
   }
-  std::vector<at::Tensor> grad_w, grad_gamma, grad_beta;
-  for (int64_t k = 0; k < nb; ++k) {
-    grad_w.push_back(gw[k].view(weights[k].sizes()));
-    grad_gamma.push_back(dgamma[k]);
-    grad_beta.push_back(dbeta[k]);
-  }
-  return {grad_pooled, grad_w, grad_gamma, grad_beta};
+  return {grad_pooled, gw, dbn_weight, dbn_bias};
 }
 
 }  // namespace psp::cuda
+
+TORCH_LIBRARY_IMPL(psp_native, CUDA, m) {
+  m.impl("reduction_conv_bn_relu", &psp::cuda::reduction_conv_bn_relu);
+  m.impl("reduction_conv_bn_relu_backward", &psp::cuda::reduction_conv_bn_relu_backward);
+}

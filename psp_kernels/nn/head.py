@@ -2,7 +2,7 @@
 
 semseg's head computes ``relu(bn(conv3x3(cat([x, up(p_1), up(p_2), up(p_3), up(p_6)]))))``. The conv splits
 by input channel, and upsampling is linear and spatial while the conv mixes channels per tap, so the
-branch half is computed exactly at bin resolution (performance.md §2):
+branch half is computed exactly at bin resolution (docs/concat_free_head.md):
 
     conv(up(p_b); W_b) = sum over taps (ky, kx) of  B_{b,ky} (W_b[:, :, ky, kx] p_b) B_{b,kx}^T
 
@@ -17,15 +17,17 @@ full conv output. Parameters are semseg's tensors: ``ppm.features.*``, ``cls.0.w
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .geometry import DEFAULT_BINS, acc_dtype, cached_table, shifted_interpolation, split_bins
-from .modules import PyramidPooling, syncs_statistics
-from .ops.head import head_bn_relu
+from ..batchnorm import syncs_statistics
+from ..geometry import DEFAULT_BINS, acc_dtype, shifted_interpolation, split_bins
+from ..ops.head import add_branch_bn_relu
+from ..table_cache import cached_table
+from .ppm import PyramidPooling
 
 
 def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, device) -> torch.Tensor:
@@ -34,7 +36,7 @@ def _taps(size: int, b: int, kernel: int, padding: int, dilation: int, dtype, de
                         lambda: shifted_interpolation(size, b, kernel, padding, dilation, dtype, device))
 
 
-def _bw_matrix(width: int, bins: Sequence[int], kw: int, padding: int, dilation: int, dtype, device) -> torch.Tensor:
+def _width_interp(width: int, bins: Sequence[int], kw: int, padding: int, dilation: int, dtype, device) -> torch.Tensor:
     """Cached [W, kw * sum(bins)]: every (tap column, bin column)'s W-axis interpolation weight, bins in order."""
     return cached_table(("bw", width, tuple(bins), kw, padding, dilation, dtype, str(device)), lambda: torch.cat(
         [_taps(width, b, kw, padding, dilation, dtype, device).permute(1, 0, 2).reshape(width, kw * b) for b in bins],
@@ -80,7 +82,8 @@ class _TapMix(torch.autograd.Function):
 def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
                    padding: int = 1, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch term of the head conv, ``conv2d(cat([up(p_b) for b in bins]), weight)``, factored as
-    ``u @ bw^T`` per (n, o, h) row: everything but the last (W-axis) interpolation, and that interpolation.
+    ``branch_rows @ width_interp^T`` per (n, o, h) row: everything but the last (W-axis) interpolation, and
+    that interpolation.
 
     Args:
         branches: packed branches [N, R, S] (``PyramidPooling.branches``), any float dtype.
@@ -90,11 +93,11 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
         padding, dilation: the conv's (zero) padding and dilation, the same on both axes; stride 1.
 
     Returns:
-        ``u`` [N, O, H, K] and ``bw`` [W, K], K = kw * sum(bins), in the accumulation dtype (fp32; fp64
-        for fp64; also under autocast, which is off for these small GEMMs): per bin the per-tap channel mix
-        on the b x b grid (one GEMM, K = R), interpolated along H with the shifted (zero-padded) matrices,
-        then along W by ``bw``. ``u`` is differentiable w.r.t. branches and the weight; ``bw`` is a cached
-        constant.
+        ``branch_rows`` [N, O, H, K] and ``width_interp`` [W, K], K = kw * sum(bins), in the accumulation
+        dtype (fp32; fp64 for fp64; also under autocast, which is off for these small GEMMs): per bin the
+        per-tap channel mix on the b x b grid (one GEMM, K = R), interpolated along H with the shifted
+        (zero-padded) matrices, then along W by ``width_interp``. ``branch_rows`` is differentiable w.r.t.
+        branches and the weight; ``width_interp`` is a cached constant.
     """
     n, r, _ = branches.shape
     kh, kw, o, _ = weight_taps.shape
@@ -107,7 +110,7 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
             q = q.reshape(n, b, b, kh, kw, o)                                         # [N, a, b, kh, kw, O]
             bh = _taps(height, b, kh, padding, dilation, dt, dev)                      # [kh, H, b]
             us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))             # [N, O, H, kw*b]
-    return torch.cat(us, dim=3), _bw_matrix(width, bins, kw, padding, dilation, dt, dev)
+    return torch.cat(us, dim=3), _width_interp(width, bins, kw, padding, dilation, dt, dev)
 
 
 def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int], size: tuple[int, int],
@@ -115,18 +118,18 @@ def branch_conv(branches: torch.Tensor, weight: torch.Tensor, bins: Sequence[int
     """``conv2d(cat([up(p_b) for b in bins]), weight)`` (no bias) computed at bin resolution.
 
     Arguments as :func:`branch_factors`. Returns [N, O, H, W] in the accumulation dtype, NCHW,
-    differentiable w.r.t. branches and weight: ``u @ bw^T``, which the fused head forms inside its
-    epilogue kernel instead (:func:`psp_kernels.ops.head.head_bn_relu`).
+    differentiable w.r.t. branches and weight: ``branch_rows @ width_interp^T``, which the fused head forms
+    inside its epilogue kernel instead (:func:`psp_kernels.ops.head.add_branch_bn_relu`).
     """
-    u, bw = branch_factors(branches, weight.permute(2, 3, 0, 1), bins, size, padding, dilation)
-    return torch.matmul(u, bw.t())
+    branch_rows, width_interp = branch_factors(branches, weight.permute(2, 3, 0, 1), bins, size, padding, dilation)
+    return torch.matmul(branch_rows, width_interp.t())
 
 
 def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``relu(bn(conv(ppm(x))))`` of semseg's head, without the concat (see the module docstring).
 
     The x-half conv is ``F.conv2d`` (oneDNN / cuDNN); the branch term's W-axis interpolation, its add,
-    BatchNorm and ReLU are one fused op (``psp::head_bn_relu``), which saves only its BatchNorm input.
+    BatchNorm and ReLU are one fused op (``psp::add_branch_bn_relu``), which saves only its BatchNorm input.
 
     Args:
         x: [N, C, H, W] (NCHW or channels_last), the backbone features.
@@ -135,7 +138,8 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
             stride 1, padding = dilation, no bias, groups 1)`` whose weight slices are copied per call.
         bn: semseg's ``cls.1``: BatchNorm2d(O) with affine parameters and running statistics; train mode
             uses and updates batch statistics exactly as ``nn.BatchNorm2d``. A SyncBatchNorm in training
-            runs as the module on ``y + u @ bw^T`` (statistics over all processes), then ReLU.
+            runs as the module on ``conv_out + branch_rows @ width_interp^T`` (statistics over all processes),
+            then ReLU.
 
     Returns:
         [N, O, H, W] in x's dtype and memory format.
@@ -144,7 +148,7 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
         ValueError: a conv this identity does not cover (stride, groups, bias, padding mode, or a channel
             count other than C + nb*R).
         NotImplementedError: a BatchNorm without affine parameters or running statistics (use the concat
-            head, ``PSPHead(fused=False)``).
+            head, ``PSPHead(concat_free=False)``).
     """
     c = x.shape[1]
     k = conv.kernel_size
@@ -155,19 +159,20 @@ def concat_free_head(x: torch.Tensor, ppm: PyramidPooling, conv: nn.Conv2d, bn: 
                          f"square kernel/padding/dilation and {c} + len(bins) * R input channels; got {conv}")
     if not (bn.affine and bn.track_running_stats):
         raise NotImplementedError("concat_free_head needs a BatchNorm with affine=True and "
-                                  "track_running_stats=True; use the concat head (fused=False)")
+                                  "track_running_stats=True; use the concat head (concat_free=False)")
     if isinstance(conv, HeadConv):
         w_x, w_taps = conv.weight_x, conv.weight_taps()
     else:
         w_x, w_b = conv.weight.split([c, conv.in_channels - c], dim=1)
         w_taps = w_b.permute(2, 3, 0, 1)
-    y = F.conv2d(x, w_x, padding=conv.padding, dilation=conv.dilation)
-    u, bw = branch_factors(ppm.branches(x), w_taps, ppm.bins, tuple(x.shape[2:]), conv.padding[0],
-                           conv.dilation[0])
+    conv_out = F.conv2d(x, w_x, padding=conv.padding, dilation=conv.dilation)
+    branch_rows, width_interp = branch_factors(ppm.branches(x), w_taps, ppm.bins, tuple(x.shape[2:]),
+                                               conv.padding[0], conv.dilation[0])
     if syncs_statistics(bn):
-        return F.relu(bn(y + torch.matmul(u, bw.t()).to(y.dtype)))
-    return head_bn_relu(y, u, bw, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=bn.training,
-                        momentum=bn.momentum, eps=bn.eps, num_batches_tracked=bn.num_batches_tracked)
+        return F.relu(bn(conv_out + torch.matmul(branch_rows, width_interp.t()).to(conv_out.dtype)))
+    return add_branch_bn_relu(conv_out, branch_rows, width_interp, bn.weight, bn.bias, bn.running_mean,
+                              bn.running_var, training=bn.training, momentum=bn.momentum, eps=bn.eps,
+                              num_batches_tracked=bn.num_batches_tracked)
 
 
 class HeadConv(nn.Module):
@@ -251,43 +256,68 @@ class HeadConv(nn.Module):
 
 
 class PSPHead(nn.Module):
-    """PSPNet's pyramid pooling module + 3x3 conv + BN + ReLU (semseg's ``ppm`` and ``cls.0``-``cls.2``),
-    concat-free.
+    """PSPNet's head: the pyramid pooling module + 3x3 conv + BN + ReLU (semseg's ``ppm`` and ``cls.0``-``cls.2``),
+    concat-free, optionally ending in semseg's classifier (``cls.3`` Dropout2d, ``cls.4`` 1x1 conv).
 
     Args:
         in_channels: C (2048 for PSPNet-50); reduction_channels: R per bin (semseg: C // len(bins)).
         out_channels: O of the 3x3 conv (semseg: 512); bins: pyramid sizes.
-        fused: the concat-free forward (default); ``False`` runs semseg's concat head.
+        fused: the default of both switches below (True: all fused; False: semseg's modules).
+        fused_ppm: the PPM runs the fused kernels (:class:`PyramidPooling` ``fused``); default ``fused``.
+        concat_free: the concat-free forward (the 3x3 conv on x's channels, the branch half at bin resolution,
+            one fused add + BN + ReLU op); ``False`` runs semseg's concat head; default ``fused``.
+        classes: when given, the head ends in semseg's classifier, Dropout2d(``dropout``) + 1x1 conv (with
+            bias) to ``classes`` channels, and returns logits.
+        dropout: the classifier's Dropout2d probability, in [0, 1).
 
-    Forward: x [N, C, H, W] fp16/bf16/fp32/fp64 (NCHW or channels_last) -> [N, O, H, W], x's dtype and
-    memory format. state_dict: ``ppm.features.{i}.*`` and ``cls.0.weight`` [O, C + nb*R, 3, 3], ``cls.1.*``:
-    semseg's keys, so a semseg checkpoint's head loads unchanged (e.g. with ``strict=False``, or after
-    dropping its ``cls.4`` keys).
+    Forward: x [N, C, H, W] fp16/bf16/fp32/fp64 (NCHW or channels_last) -> [N, O, H, W] (or [N, classes, H, W]
+    logits), x's dtype and memory format. state_dict: ``ppm.features.{i}.*``, ``cls.0.weight``
+    [O, C + nb*R, 3, 3], ``cls.1.*`` (and ``cls.4.*``): semseg's keys, so a semseg checkpoint's head loads
+    unchanged.
 
     Raises:
-        ValueError: bad channel counts or ``bins`` (from :class:`PyramidPooling`); in training, a bin with
-            one value per channel (BatchNorm's error).
+        ValueError: bad channel counts, ``bins``, ``classes`` or ``dropout``; in training, a bin with one value
+            per channel (BatchNorm's error).
 
-    Source: Zhao et al., CVPR 2017, Sec. 3.2; hszhao/semseg ``model/pspnet.py``; performance.md §2.
+    Source: Zhao et al., CVPR 2017, Sec. 3.2; hszhao/semseg ``model/pspnet.py``; docs/concat_free_head.md.
     """
 
     def __init__(self, in_channels: int, reduction_channels: int, out_channels: int = 512,
-                 bins: Sequence[int] = DEFAULT_BINS, fused: bool = True):
+                 bins: Sequence[int] = DEFAULT_BINS, fused: bool = True, *, fused_ppm: Optional[bool] = None,
+                 concat_free: Optional[bool] = None, classes: Optional[int] = None, dropout: float = 0.1):
         super().__init__()
-        self.ppm = PyramidPooling(in_channels, reduction_channels, bins)
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+            raise ValueError(f"classes must be a positive int or None, got {classes!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.fused_ppm = fused if fused_ppm is None else bool(fused_ppm)
+        self.concat_free = fused if concat_free is None else bool(concat_free)
+        self.ppm = PyramidPooling(in_channels, reduction_channels, bins, fused=self.fused_ppm)
         branch_channels = len(self.ppm.bins) * reduction_channels
-        self.cls = nn.Sequential(
-            HeadConv(in_channels, branch_channels, out_channels) if fused
-            else nn.Conv2d(in_channels + branch_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-        self.fused = fused
+        layers = [HeadConv(in_channels, branch_channels, out_channels) if self.concat_free
+                  else nn.Conv2d(in_channels + branch_channels, out_channels, 3, padding=1, bias=False),
+                  nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+        if classes is not None:
+            layers += [nn.Dropout2d(p=dropout), nn.Conv2d(out_channels, classes, kernel_size=1)]
+        self.cls = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return self.cls(self.ppm(x))
-        return concat_free_head(x, self.ppm, self.cls[0], self.cls[1])
+        return psp_head(x, self.ppm, self.cls, self.concat_free)
 
     def extra_repr(self) -> str:
-        return f"fused={self.fused}"
+        return f"fused_ppm={self.fused_ppm}, concat_free={self.concat_free}"
+
+
+def psp_head(x: torch.Tensor, ppm: PyramidPooling, cls: nn.Sequential, concat_free: bool) -> torch.Tensor:
+    """The forward of a :class:`PSPHead`'s modules (also run by ``pspnet.PSPNet`` on the ``ppm`` and ``cls``
+    it takes from its PSPHead, so that its state_dict keeps semseg's flat ``ppm.*`` / ``cls.*`` keys).
+
+    ``cls`` is semseg's Sequential (conv, BN, ReLU[, Dropout2d, 1x1 conv]); concat-free, its first three run
+    as :func:`concat_free_head`, otherwise every module of ``cls`` runs on ``ppm(x)``.
+    """
+    if not concat_free:
+        return cls(ppm(x))
+    y = concat_free_head(x, ppm, cls[0], cls[1])    # cls.0-cls.2 in one pass over y
+    for layer in cls[3:]:
+        y = layer(y)
+    return y

@@ -1,4 +1,5 @@
-"""Triton kernels for the per-bin 1x1 conv + BatchNorm + ReLU: ``project_forward`` / ``project_backward``.
+"""Triton kernels of every bin's 1x1 reduction conv + BatchNorm + ReLU (``psp::reduction_conv_bn_relu`` and its
+backward).
 
 Per bin k the packed tensors are GEMM operands without any copy: with ``bb = b_k**2`` and row index
 ``m = n*bb + s`` (``M_k = N*bb`` rows), ``P_k[m, c] = pooled[n, c, off_k + s]`` and
@@ -6,7 +7,7 @@ Per bin k the packed tensors are GEMM operands without any copy: with ``bb = b_k
 
 The per-bin parameters arrive as lists; the launchers pack them with one ``torch.cat`` (one launch)
 into a flat buffer viewed as weights [nb, R, C] and BN vectors [4, nb, R], so one kernel covers every
-bin: the eval forward of the whole PPM is then 4 launches (pool, pack, project, upsample).
+bin: the eval forward of the whole PPM is then 4 launches (pool, pack, reduction, upsample).
 
 Forward, one launch: program (bin k, block of R channels) owns *all* M_k rows of its channels, so it
 can compute the training batch statistics itself (deterministic, no atomics, no second launch):
@@ -14,7 +15,7 @@ GEMM -> z and row sums; mean; second pass over z -> centered sum of squares (two
 third pass -> BN + ReLU -> out.
 
 Backward, three launches:
-  1. ``_bn_bwd_kernel``   (bin, R block): dbeta, dgamma over all rows, then dz (fp32/fp64 scratch).
+  1. ``_bn_bwd_kernel``   (bin, R block): grad_bn_bias, grad_bn_weight over all rows, then dz (fp32/fp64 scratch).
   2. ``_dgrad_kernel``    (bin, M block, C block): grad_pooled = dz @ W_k   (K = R).
   3. ``_wgrad_kernel``    (bin, R block, C block): grad_W_k = dz^T @ P_k    (K = M_k, fixed order).
 """
@@ -28,8 +29,8 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype, bin_offsets
-from .common import (CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, cached_table, dot_upcast, eps_args,
-                     inv_std, relu_nan)
+from ..table_cache import cached_table
+from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, dot_upcast, eps_args, inv_std, relu_nan
 
 def _bin_table(bins: Sequence[int], device: torch.device) -> torch.Tensor:
     """i32 [2, nb]: bin sizes and packed offsets (cached per device)."""
@@ -37,16 +38,16 @@ def _bin_table(bins: Sequence[int], device: torch.device) -> torch.Tensor:
         [list(bins), list(bin_offsets(bins))], dtype=torch.int32, device=device))
 
 
-def _pack_params(weights, gammas, betas, means, variances, dtype: torch.dtype):
+def _pack_params(weights, bn_weights, bn_biases, means, variances, dtype: torch.dtype):
     """Every bin's conv weight and BN vectors in one flat buffer, one ``torch.cat`` launch; returns the views
-    ``(w [nb, R, C], bn [4, nb, R] = gamma, beta, mean, var)``.
+    ``(w [nb, R, C], bn [4, nb, R] = bn_weight, bn_bias, mean, var)``.
 
     The buffer keeps the parameters' dtype (promoted across them) when that is the activations' dtype or
     the accumulation dtype (fp16/bf16 products are exact in fp32, so tensor cores match the fp32
     reference math); any other mix is converted to the accumulation dtype.
     """
     nb, (r, c) = len(weights), weights[0].shape[:2]
-    flat = torch.cat([t.reshape(-1) for t in (*weights, *gammas, *betas, *means, *variances)])
+    flat = torch.cat([t.reshape(-1) for t in (*weights, *bn_weights, *bn_biases, *means, *variances)])
     if flat.dtype not in (dtype, acc_dtype(dtype)):
         flat = flat.to(acc_dtype(dtype))
     return flat[:nb * r * c].view(nb, r, c), flat[nb * r * c:].view(4, nb, r)
@@ -54,12 +55,12 @@ def _pack_params(weights, gammas, betas, means, variances, dtype: torch.dtype):
 
 @triton.jit
 def _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Bin k's (gamma, beta, mean, var) of the packed BN buffer, and eps, in the accumulation dtype."""
-    gamma = tl.load(bn_ptr + k * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
-    beta = tl.load(bn_ptr + (NB + k) * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
+    """Bin k's (bn_weight, bn_bias, mean, var) of the packed BN buffer, and eps, in the accumulation dtype."""
+    bn_weight = tl.load(bn_ptr + k * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
+    bn_bias = tl.load(bn_ptr + (NB + k) * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
     mean = tl.load(bn_ptr + (2 * NB + k) * R + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
     var = tl.load(bn_ptr + (3 * NB + k) * R + offs_r, mask=mask_r, other=1.0).to(ACC_DTYPE)
-    return gamma, beta, mean, var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
+    return bn_weight, bn_bias, mean, var, tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,10 +68,10 @@ def _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB: tl.constexpr, A
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _project_fwd_kernel(
+def _reduction_fwd_kernel(
     p_ptr,                      # pooled [N, C, S] contiguous
     w_ptr,                      # weights [nb, R, C] contiguous (x dtype or acc dtype)
-    bn_ptr,                     # [4, nb, R] (gamma, beta, running mean, running var), w's dtype
+    bn_ptr,                     # [4, nb, R] (bn_weight, bn_bias, running mean, running var), w's dtype
     bin_ptr,                    # i32 [2, nb]: size, packed offset
     out_ptr,                    # [N, R, S] pooled dtype
     z_ptr,                      # [N, R, S] acc dtype
@@ -87,13 +88,13 @@ def _project_fwd_kernel(
     bb = b * b
     M = N * bb
 
-    gamma, beta, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
+    bn_weight, bn_bias, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
     w_rows = w_ptr + (k * R + offs_r).to(tl.int64) * C                     # W_k[r, :]
 
     if not TRAINING:
         # Eval: the statistics are the running ones, so BN + ReLU happen in the GEMM epilogue.
-        scale = gamma * inv_std(var, eps, ACC_DTYPE)
-        shift = beta - mean * scale
+        scale = bn_weight * inv_std(var, eps, ACC_DTYPE)
+        shift = bn_bias - mean * scale
 
     # Pass 1: Z = P_k @ W_k^T, stored to z; column sums for the batch mean (training).
     zsum = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
@@ -138,8 +139,8 @@ def _project_fwd_kernel(
             sq += tl.sum(d * d, axis=0)
         var = sq / M
         # Pass 3: BN + ReLU.
-        scale = gamma * inv_std(var, eps, ACC_DTYPE)
-        shift = beta - mean * scale
+        scale = bn_weight * inv_std(var, eps, ACC_DTYPE)
+        shift = bn_bias - mean * scale
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
@@ -155,14 +156,14 @@ def _project_fwd_kernel(
 # Block configs. Forward: (BLOCK_M, BLOCK_R, BLOCK_K, num_warps). Backward: per kernel, bn = (BLOCK_M,
 # BLOCK_R, num_warps), dgrad = (BLOCK_M, BLOCK_C, BLOCK_K, num_warps), wgrad = (BLOCK_R, BLOCK_C,
 # BLOCK_K, num_warps). "small" serves fp64 and tiny problems; the compile test builds every entry.
-PROJ_FWD_CONFIGS = {"big": (64, 64, 64, 4), "small": (16, 16, 32, 4)}
-PROJ_BWD_CONFIGS = {
+REDUCTION_FWD_CONFIGS = {"big": (64, 64, 64, 4), "small": (16, 16, 32, 4)}
+REDUCTION_BWD_CONFIGS = {
     "big": dict(bn=(64, 32, 4), dgrad=(64, 64, 32, 4), wgrad=(64, 64, 32, 4)),
     "small": dict(bn=(16, 16, 4), dgrad=(16, 32, 16, 4), wgrad=(16, 32, 16, 4)),
 }
 
 
-def _proj_config(dtype: torch.dtype, m_max: int, r: int, c: int) -> str:
+def _reduction_config(dtype: torch.dtype, m_max: int, r: int, c: int) -> str:
     if dtype == torch.float64 or m_max < 64 or r < 64 or c < 64:
         return "small"
     return "big"
@@ -173,34 +174,34 @@ def launcher_configs(dtype: torch.dtype) -> tuple[str, ...]:
     return ("small",) if dtype == torch.float64 else ("big", "small")
 
 
-def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor],
-                    betas: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
-                    running_vars: Sequence[torch.Tensor], bins: Sequence[int], training: bool, eps: float,
-                    *, config: str | None = None):
-    """Per bin: 1x1 conv (no bias) + BatchNorm + ReLU on the packed pooled tensor, one launch.
+def reduction_conv_bn_relu(pooled: torch.Tensor, conv_weights: Sequence[torch.Tensor],
+                           bn_weights: Sequence[torch.Tensor], bn_biases: Sequence[torch.Tensor],
+                           running_means: Sequence[torch.Tensor], running_vars: Sequence[torch.Tensor],
+                           bins: Sequence[int], training: bool, eps: float, *, config: str | None = None):
+    """Per bin: 1x1 reduction conv (no bias) + BatchNorm + ReLU on the packed pooled tensor, one launch.
 
     Args:
         pooled: [N, C, S] contiguous, fp16/bf16/fp32/fp64.
-        weights: per bin [R, C, 1, 1] (pooled's dtype or fp32); gammas/betas/running_*: per bin [R].
+        conv_weights: per bin [R, C, 1, 1] (pooled's dtype or fp32); bn_weights/bn_biases/running_*: per bin [R].
         training: batch statistics (biased variance over N*b*b rows) instead of the running ones.
-        config: force a ``PROJ_FWD_CONFIGS`` entry (tests, tuning); default: heuristic.
+        config: force a ``REDUCTION_FWD_CONFIGS`` entry (tests, tuning); default: heuristic.
     Returns:
-        ``(out [N, R, S] pooled.dtype, z [N, R, S] acc, mean [nb, R] acc, var [nb, R] acc)`` as
-        :func:`psp_kernels.reference.project_forward`; running statistics are not modified.
+        ``(out [N, R, S] pooled.dtype, bn_input [N, R, S] acc, mean [nb, R] acc, var [nb, R] acc)`` as
+        :func:`psp_kernels.reference.reduction_conv_bn_relu`; running statistics are not modified.
     """
     n, c, s = pooled.shape
     assert pooled.is_contiguous()
-    nb, r = len(bins), weights[0].shape[0]
+    nb, r = len(bins), conv_weights[0].shape[0]
     dt = acc_dtype(pooled.dtype)
     dev = pooled.device
-    w, bn = _pack_params(weights, gammas, betas, running_means, running_vars, pooled.dtype)
+    w, bn = _pack_params(conv_weights, bn_weights, bn_biases, running_means, running_vars, pooled.dtype)
     out = torch.empty(n, r, s, dtype=pooled.dtype, device=dev)
     z = torch.empty(n, r, s, dtype=dt, device=dev)
     mean = torch.empty(nb, r, dtype=dt, device=dev)
     var = torch.empty(nb, r, dtype=dt, device=dev)
-    bm, br, bk, nw = PROJ_FWD_CONFIGS[config or _proj_config(pooled.dtype, n * max(bins) ** 2, r, c)]
+    bm, br, bk, nw = REDUCTION_FWD_CONFIGS[config or _reduction_config(pooled.dtype, n * max(bins) ** 2, r, c)]
     grid = (nb * triton.cdiv(r, br),)
-    _project_fwd_kernel[grid](
+    _reduction_fwd_kernel[grid](
         pooled, w, bn, _bin_table(bins, dev), out, z, mean, var, n, c, r, s, *eps_args(eps),
         NB=nb, TRAINING=bool(training), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
         ACC_DTYPE=acc_tl(pooled.dtype), DOT_UPCAST=dot_upcast(w.dtype), num_warps=nw)
@@ -215,28 +216,28 @@ def project_forward(pooled: torch.Tensor, weights: Sequence[torch.Tensor], gamma
 def _bn_bwd_kernel(
     go_ptr,                     # grad_out [N, R, S] contiguous (pooled dtype)
     z_ptr,                      # [N, R, S] acc
-    bn_ptr,                     # acc [4, nb, R] (gamma, beta, mean, var): the statistics the forward used
+    bn_ptr,                     # acc [4, nb, R] (bn_weight, bn_bias, mean, var): the statistics the forward used
     bin_ptr,                    # i32 [2, nb]
     dz_ptr,                     # out: [N, R, S] acc scratch (dL/dz)
-    dgamma_ptr, dbeta_ptr,      # out: [nb, R] acc
+    grad_bn_weight_ptr, grad_bn_bias_ptr,      # out: [nb, R] acc
     N, R, S, eps_hi, eps_lo,
     NB: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     # Decomposition: one program per (bin k, block of BLOCK_R channels) over all M_k rows: pass 1
-    # reduces dbeta = sum g and dgamma = sum g*xhat (g = grad_out masked by ReLU), pass 2 writes dz.
+    # reduces grad_bn_bias = sum g and grad_bn_weight = sum g*xhat (g = grad_out masked by ReLU), pass 2 writes dz.
     pid = tl.program_id(0)
     k, offs_r, mask_r, b, off = bin_channel_block(pid, R, bin_ptr, NB, BLOCK_R)
     bb = b * b
     M = N * bb
 
-    gamma, beta, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
+    bn_weight, bn_bias, mean, var, eps = _bn_params(bn_ptr, k, offs_r, mask_r, R, eps_hi, eps_lo, NB, ACC_DTYPE)
     invstd = inv_std(var, eps, ACC_DTYPE)
-    scale = gamma * invstd
-    shift = beta - mean * scale
+    scale = bn_weight * invstd
+    shift = bn_bias - mean * scale
 
-    dbeta = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
-    dgamma = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    grad_bn_bias = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    grad_bn_weight = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         off_mr = ((offs_m // bb).to(tl.int64) * R * S + off + offs_m % bb)[:, None] + offs_r[None, :] * S
@@ -244,13 +245,13 @@ def _bn_bwd_kernel(
         zt = tl.load(z_ptr + off_mr, mask=mask_mr, other=0.0)
         go = tl.load(go_ptr + off_mr, mask=mask_mr, other=0.0).to(ACC_DTYPE)
         g = tl.where(zt * scale[None, :] + shift[None, :] > 0, go, 0.0)
-        dbeta += tl.sum(g, axis=0)
-        dgamma += tl.sum(g * ((zt - mean[None, :]) * invstd[None, :]), axis=0)
-    tl.store(dbeta_ptr + k * R + offs_r, dbeta, mask=mask_r)
-    tl.store(dgamma_ptr + k * R + offs_r, dgamma, mask=mask_r)
+        grad_bn_bias += tl.sum(g, axis=0)
+        grad_bn_weight += tl.sum(g * ((zt - mean[None, :]) * invstd[None, :]), axis=0)
+    tl.store(grad_bn_bias_ptr + k * R + offs_r, grad_bn_bias, mask=mask_r)
+    tl.store(grad_bn_weight_ptr + k * R + offs_r, grad_bn_weight, mask=mask_r)
 
-    dbeta_m = dbeta / M
-    dgamma_m = dgamma / M
+    grad_bn_bias_m = grad_bn_bias / M
+    grad_bn_weight_m = grad_bn_weight / M
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         off_mr = ((offs_m // bb).to(tl.int64) * R * S + off + offs_m % bb)[:, None] + offs_r[None, :] * S
@@ -260,7 +261,7 @@ def _bn_bwd_kernel(
         g = tl.where(zt * scale[None, :] + shift[None, :] > 0, go, 0.0)
         if TRAINING:
             xhat = (zt - mean[None, :]) * invstd[None, :]
-            dz = scale[None, :] * (g - dbeta_m[None, :] - xhat * dgamma_m[None, :])
+            dz = scale[None, :] * (g - grad_bn_bias_m[None, :] - xhat * grad_bn_weight_m[None, :])
         else:
             dz = g * scale[None, :]
         tl.store(dz_ptr + off_mr, dz, mask=mask_mr)
@@ -345,41 +346,41 @@ def _wgrad_kernel(
              mask=mask_r[:, None] & mask_c[None, :])
 
 
-def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tensor,
-                     weights: Sequence[torch.Tensor], gammas: Sequence[torch.Tensor],
-                     betas: Sequence[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-                     bins: Sequence[int], training: bool, eps: float, *, config: str | None = None):
-    """Gradient of :func:`project_forward` w.r.t. pooled, the conv weights and BN gamma/beta.
+def reduction_conv_bn_relu_backward(grad_out: torch.Tensor, pooled: torch.Tensor, bn_input: torch.Tensor,
+                                    conv_weights: Sequence[torch.Tensor], bn_weights: Sequence[torch.Tensor],
+                                    bn_biases: Sequence[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                                    bins: Sequence[int], training: bool, eps: float, *, config: str | None = None):
+    """Gradient of :func:`reduction_conv_bn_relu` w.r.t. pooled, the conv weights, bn_weights and bn_biases.
 
     Args:
-        grad_out: [N, R, S] contiguous; pooled [N, C, S] contiguous; z [N, R, S] acc dtype;
+        grad_out: [N, R, S] contiguous; pooled [N, C, S] contiguous; bn_input [N, R, S] acc dtype;
         mean/var: [nb, R] acc dtype (the statistics the forward used).
-        config: force a ``PROJ_BWD_CONFIGS`` entry (tests, tuning); default: heuristic.
+        config: force a ``REDUCTION_BWD_CONFIGS`` entry (tests, tuning); default: heuristic.
     Returns:
-        ``(grad_pooled [N, C, S] pooled.dtype, [grad_w_k [R, C, 1, 1]], [grad_gamma_k [R]],
-        [grad_beta_k [R]])``; parameter gradients in the accumulation dtype (views of one buffer each).
-        In training the gradient flows through the batch statistics.
+        ``(grad_pooled [N, C, S] pooled.dtype, grad_conv_weights [nb, R, C], grad_bn_weights [nb, R],
+        grad_bn_biases [nb, R])``, the parameter gradients in the accumulation dtype. In training the
+        gradient flows through the batch statistics.
     """
     n, c, s = pooled.shape
-    nb, r = len(bins), weights[0].shape[0]
-    assert grad_out.is_contiguous() and pooled.is_contiguous() and z.is_contiguous()
+    nb, r = len(bins), conv_weights[0].shape[0]
+    assert grad_out.is_contiguous() and pooled.is_contiguous() and bn_input.is_contiguous()
     dt = acc_dtype(pooled.dtype)
     dev = pooled.device
-    w, bn = _pack_params(weights, gammas, betas, mean.unbind(0), var.unbind(0), pooled.dtype)
+    w, bn = _pack_params(conv_weights, bn_weights, bn_biases, mean.unbind(0), var.unbind(0), pooled.dtype)
     bins_t = _bin_table(bins, dev)
     dz = torch.empty(n, r, s, dtype=dt, device=dev)
-    dgamma = torch.empty(nb, r, dtype=dt, device=dev)
-    dbeta = torch.empty(nb, r, dtype=dt, device=dev)
+    grad_bn_weight = torch.empty(nb, r, dtype=dt, device=dev)
+    grad_bn_bias = torch.empty(nb, r, dtype=dt, device=dev)
     grad_pooled = torch.empty(n, c, s, dtype=pooled.dtype, device=dev)
     gw = torch.empty(nb, r, c, dtype=dt, device=dev)
 
     m_max = n * max(bins) ** 2
-    cfg = PROJ_BWD_CONFIGS[config or _proj_config(pooled.dtype, m_max, r, c)]
+    cfg = REDUCTION_BWD_CONFIGS[config or _reduction_config(pooled.dtype, m_max, r, c)]
     acc = acc_tl(pooled.dtype)
 
     bm, br, nw = cfg["bn"]
     _bn_bwd_kernel[(nb * triton.cdiv(r, br),)](
-        grad_out, z, bn, bins_t, dz, dgamma, dbeta, n, r, s, *eps_args(eps),
+        grad_out, bn_input, bn, bins_t, dz, grad_bn_weight, grad_bn_bias, n, r, s, *eps_args(eps),
         NB=nb, TRAINING=bool(training), BLOCK_M=bm, BLOCK_R=br, ACC_DTYPE=acc, num_warps=nw)
 
     bm, bc, bk, nw = cfg["dgrad"]
@@ -392,8 +393,7 @@ def project_backward(grad_out: torch.Tensor, pooled: torch.Tensor, z: torch.Tens
         dz, pooled, bins_t, gw, n, c, r, s,
         NB=nb, BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk, ACC_DTYPE=acc, num_warps=nw)
 
-    grad_w = [gw[k].view(weights[k].shape) for k in range(nb)]
-    return grad_pooled, grad_w, list(dgamma.unbind(0)), list(dbeta.unbind(0))
+    return grad_pooled, gw, grad_bn_weight, grad_bn_bias
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,20 +416,20 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
                    "BLOCK_M": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
                    "ACC_DTYPE": "constexpr", "DOT_UPCAST": "constexpr"}
             for name in launcher_configs(dtype):
-                bm, br, bk, nw = PROJ_FWD_CONFIGS[name]
+                bm, br, bk, nw = REDUCTION_FWD_CONFIGS[name]
                 for training in (True, False):
-                    out.append((_project_fwd_kernel, CompileConfig(
-                        f"project_fwd/{dt}/w{wdt}/{name}/{'train' if training else 'eval'}", sig,
+                    out.append((_reduction_fwd_kernel, CompileConfig(
+                        f"reduction_fwd/{dt}/w{wdt}/{name}/{'train' if training else 'eval'}", sig,
                         dict(NB=4, TRAINING=training, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
                              ACC_DTYPE=tacc, DOT_UPCAST=False), num_warps=nw)))
         for name in launcher_configs(dtype):
-            cfg = PROJ_BWD_CONFIGS[name]
+            cfg = REDUCTION_BWD_CONFIGS[name]
             bm, br, nw = cfg["bn"]
             for training in (True, False):
                 out.append((_bn_bwd_kernel, CompileConfig(
                     f"bn_bwd/{dt}/{name}/{'train' if training else 'eval'}",
                     {"go_ptr": f"*{dt}", "z_ptr": f"*{acc}", "bn_ptr": f"*{acc}", "bin_ptr": "*i32",
-                     "dz_ptr": f"*{acc}", "dgamma_ptr": f"*{acc}", "dbeta_ptr": f"*{acc}",
+                     "dz_ptr": f"*{acc}", "grad_bn_weight_ptr": f"*{acc}", "grad_bn_bias_ptr": f"*{acc}",
                      "N": "i32", "R": "i32", "S": "i32", "eps_hi": "fp32", "eps_lo": "fp32",
                      "NB": "constexpr", "TRAINING": "constexpr",
                      "BLOCK_M": "constexpr", "BLOCK_R": "constexpr", "ACC_DTYPE": "constexpr"},

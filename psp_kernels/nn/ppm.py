@@ -1,4 +1,4 @@
-"""nn.Module wrappers with semseg's state_dict layout."""
+"""``PyramidPooling``: semseg's pyramid pooling module (PPM) with its state_dict layout, running the fused op."""
 
 from __future__ import annotations
 
@@ -6,28 +6,22 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .geometry import DEFAULT_BINS, check_bins, split_bins
-from .ops import multibin_avg_pool, project_bn_relu, pyramid_pooling, upsample_concat
-from .reference import SemsegPPM
-
-
-def syncs_statistics(bn: nn.Module) -> bool:
-    """True for a ``SyncBatchNorm`` in training: its batch statistics span every process of the group,
-    which the fused ops (statistics of this process's batch) do not compute, so the module itself must run
-    (the fused modules then fall back to it for that BatchNorm only)."""
-    return isinstance(bn, nn.SyncBatchNorm) and bn.training
+from ..batchnorm import syncs_statistics
+from ..geometry import DEFAULT_BINS, check_bins, split_bins
+from ..ops import multibin_avg_pool, pyramid_pooling, reduction_conv_bn_relu, upsample_concat
 
 
-class PyramidPooling(SemsegPPM):
+class PyramidPooling(nn.Module):
     """Drop-in pyramid pooling module (semseg's ``PPM``) running the three fused ops.
 
     Args:
         in_channels: C, channels of x (2048 for PSPNet-50).
-        reduction_channels: R, channels of each branch (semseg: ``in_channels // len(bins)``).
+        reduction_channels: R, channels of each branch's 1x1 reduction conv (semseg: ``in_channels // len(bins)``).
         bins: pyramid output sizes, default (1, 2, 3, 6).
         fused: run the fused op :func:`psp_kernels.ops.pyramid_pooling` (default: pool + copy of x into the
-            concat, projection, upsampling: three passes); ``False`` runs semseg's module-by-module forward.
+            concat, reduction, upsampling: three passes); ``False`` runs semseg's module-by-module forward.
 
     Forward: x [N, C, H, W] fp16/bf16/fp32/fp64 (NCHW or channels_last) -> [N, C + len(bins)*R, H, W] in
     x's dtype and memory format, channels ordered x, bin 1, 2, 3, 6. The submodules are semseg's
@@ -51,7 +45,11 @@ class PyramidPooling(SemsegPPM):
         for name, value in (("in_channels", in_channels), ("reduction_channels", reduction_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        super().__init__(in_channels, reduction_channels, bins)
+        super().__init__()
+        self.features = nn.ModuleList([        # semseg's layout: features.{i} = (pool, conv, BN, ReLU)
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, reduction_channels, 1, bias=False),
+                          nn.BatchNorm2d(reduction_channels), nn.ReLU(inplace=True))
+            for b in bins])
         self.bins = bins
         self.fused = fused
 
@@ -76,8 +74,10 @@ class PyramidPooling(SemsegPPM):
                            num_batches_tracked=[bn.num_batches_tracked for bn in bns])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return super().forward(x)
+        if not self.fused:                     # semseg's PPM.forward
+            size = x.shape[2:]
+            return torch.cat([x] + [F.interpolate(f(x), size, mode="bilinear", align_corners=True)
+                                    for f in self.features], 1)
         if any(syncs_statistics(f[2]) for f in self.features):
             return upsample_concat(x, self.branches(x), self.bins)
         lists, kwargs = self._branch_params()
@@ -97,7 +97,7 @@ class PyramidPooling(SemsegPPM):
             branches = [f[3](f[2](f[1](p))).flatten(2) for f, p in zip(self.features, grids)]
             return torch.cat(branches, dim=2).to(x.dtype)
         lists, kwargs = self._branch_params()
-        return project_bn_relu(multibin_avg_pool(x, self.bins), *lists, **kwargs)
+        return reduction_conv_bn_relu(multibin_avg_pool(x, self.bins), *lists, **kwargs)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, fused={self.fused}"

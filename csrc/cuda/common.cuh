@@ -1,66 +1,30 @@
-// CUDA kernels of the fused pyramid pooling module (PPM): declarations and shared helpers.
+// Helpers shared by the CUDA kernels of the fused pyramid pooling module (pooling.cu, reduction.cu,
+// upsample.cu).
 //
-// Interface: the six functions of psp_kernels/reference.py plus its three fused-pass variants
-// (pool_concat_forward, upsample_into, pool_backward_add), with the same arguments, results, dtypes
-// and memory formats, for CUDA tensors. Layout conventions are the CPU backend's (csrc/cpu/ppm_cpu.h):
+// Each kernel file registers its kernels for the psp_native::<op> schemas (the public psp::<op>'s, declared
+// by psp_kernels.dispatch.define) with TORCH_LIBRARY_IMPL(psp_native, CUDA, m); arguments, results, dtypes
+// and memory formats are those of the op's reference (psp_kernels/reference.py). Layout conventions are the
+// CPU kernels' (csrc/cpu/common.h):
 //   - x [N, C, H, W] is read natively when NCHW-contiguous or channels_last (both have
 //     stride(h) == W * stride(w), so pixel hw = h*W + w sits at hw * stride(w)); other strides are
 //     made contiguous first.
 //   - pooled [N, C, S] and branches [N, R, S] pack all bins of one (n, c) into one row of S = sum(b*b)
 //     values, bin k at [offset_k, offset_k + b_k^2) in row-major (i, j) order.
-//   - z, mean, var and parameter gradients are in the accumulation dtype (at::opmath_type: double for
+//   - bn_input, mean, var and parameter gradients are in the accumulation dtype (at::opmath_type: double for
 //     double, float for float/half/bfloat16).
 //
 // Determinism: no atomics anywhere. Every output element is written by exactly one thread, and every
 // reduction runs in an order fixed by the code (sequential loops, fixed warp trees), never by timing.
 //
-// The declarations below are plain C++ (bindings.cpp includes this header with a host compiler); the
-// device helpers shared by pooling.cu, projection.cu and upsample.cu follow under __CUDACC__.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
-
-namespace psp::cuda {
-
-// pooling.cu
-at::Tensor pool_forward(const at::Tensor& x, const std::vector<int64_t>& bins);
-at::Tensor pool_backward(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins, int64_t height,
-                         int64_t width, bool channels_last);
-std::tuple<at::Tensor, at::Tensor> pool_concat_forward(const at::Tensor& x, const std::vector<int64_t>& bins,
-                                                       int64_t total_channels);
-at::Tensor pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
-                             const at::Tensor& residual, bool channels_last);
-
-// projection.cu
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
-    const at::Tensor& pooled, const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
-    const std::vector<at::Tensor>& betas, const std::vector<at::Tensor>& running_means,
-    const std::vector<at::Tensor>& running_vars, const std::vector<int64_t>& bins, bool training, double eps);
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-project_backward(const at::Tensor& grad_out, const at::Tensor& pooled, const at::Tensor& z,
-                 const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
-                 const std::vector<at::Tensor>& betas, const at::Tensor& mean, const at::Tensor& var,
-                 const std::vector<int64_t>& bins, bool training, double eps);
-
-// upsample.cu
-at::Tensor upsample_forward(const at::Tensor& x, const at::Tensor& branches, const std::vector<int64_t>& bins);
-at::Tensor upsample_backward(const at::Tensor& grad_out, const std::vector<int64_t>& bins, int64_t channels);
-void upsample_into(const at::Tensor& concat, const at::Tensor& branches, const std::vector<int64_t>& bins,
-                   int64_t channels);
-
-// conv.cu (CUTLASS implicit GEMM; raises NotImplementedError for inputs it does not cover)
-at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, int64_t stride, int64_t padding, int64_t dilation,
-                         bool relu);
-
-}  // namespace psp::cuda
-
-#ifdef __CUDACC__
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -74,7 +38,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
 
 // Host-side bin geometry shared with the CPU backend: packed_bins, axis_segments, layout_of,
 // kernel_layout, memory_format, acc_dtype, check_list.
-#include "../cpu/ppm_cpu.h"
+#include "../cpu/common.h"
 
 namespace psp::cuda {
 
@@ -242,5 +206,3 @@ __device__ inline T warp_sum(T v) {
 }
 
 }  // namespace psp::cuda
-
-#endif  // __CUDACC__

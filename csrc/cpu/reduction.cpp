@@ -1,5 +1,5 @@
-// Per-bin 1x1 conv + BatchNorm + ReLU on the packed pooled tensor (project_forward) and its gradient
-// (project_backward), on CPU.
+// Every bin's 1x1 reduction conv + BatchNorm + ReLU on the packed pooled tensor (psp::reduction_conv_bn_relu)
+// and its gradient, on CPU.
 //
 // The 1x1 convs are GEMMs on tiny operands: the packed pooled [N, C, S] is converted to the
 // accumulation type and viewed as [C, N, S]; bin k's columns become P_k [C, N*s] (s = b*b) and
@@ -8,7 +8,7 @@
 // normalise + ReLU, and the BN + ReLU backward -- is an own loop over the contiguous row Z_k[r, :],
 // one task item per (bin, channel), so each statistic has a fixed summation order independent of
 // the thread count.
-#include "ppm_cpu.h"
+#include "common.h"
 #include "../bn_affine.h"
 #include "gemm.h"
 
@@ -32,14 +32,14 @@ at::Tensor stack_params(const std::vector<at::Tensor>& ts, const char* name, con
   return at::stack(rows).contiguous();
 }
 
-// Checks weights[k] is [R, C, 1, 1] (R from weights[0]); returns R.
-int64_t check_weights(const std::vector<at::Tensor>& weights, const PackedBins& pb, int64_t C) {
-  check_list(weights, "weights", pb);
-  const int64_t R = weights[0].dim() == 4 ? weights[0].size(0) : -1;
-  for (const at::Tensor& w : weights) {
+// Checks conv_weights[k] is [R, C, 1, 1] (R from conv_weights[0]); returns R.
+int64_t check_weights(const std::vector<at::Tensor>& conv_weights, const PackedBins& pb, int64_t C) {
+  check_list(conv_weights, "conv_weights", pb);
+  const int64_t R = conv_weights[0].dim() == 4 ? conv_weights[0].size(0) : -1;
+  for (const at::Tensor& w : conv_weights) {
     TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(0) == R && w.size(1) == C && w.size(2) == 1 &&
                     w.size(3) == 1,
-                "psp_kernels: weights[k] must be [R, C, 1, 1] with C = ", C, " and one R, got ",
+                "psp_kernels: conv_weights[k] must be [R, C, 1, 1] with C = ", C, " and one R, got ",
                 w.sizes());
   }
   return R;
@@ -105,11 +105,11 @@ inline void batch_stats(const acc_t* v, int64_t m, acc_t& mean, acc_t& var) {
 
 // Read-only views shared by the per-(bin, channel) kernels of one call.
 template <typename acc_t>
-struct ProjectArgs {
+struct ReductionArgs {
   const PackedBins* pb;
   int64_t N, R, S;
-  const acc_t* gamma;  // [nb, R]
-  const acc_t* beta;   // [nb, R]
+  const acc_t* bn_weight;  // [nb, R]
+  const acc_t* bn_bias;   // [nb, R]
   double eps;
   bool training;
 };
@@ -117,11 +117,11 @@ struct ProjectArgs {
 // Forward of item (k, r): statistics (training) from zrow = Z_k[r, :] ([N, s] flattened), then z and
 // out written into their packed [N, R, S] places.
 template <typename scalar_t, typename acc_t>
-void bn_relu_forward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, const acc_t* zrow,
+void bn_relu_forward_row(const ReductionArgs<acc_t>& a, int64_t k, int64_t r, const acc_t* zrow,
                          acc_t* mean, acc_t* var, acc_t* z, scalar_t* out) {
   const int64_t s = a.pb->sizes[k] * a.pb->sizes[k], kr = k * a.R + r;
   if (a.training) batch_stats(zrow, a.N * s, mean[kr], var[kr]);
-  const BnAffine<acc_t> bn = bn_affine(a.gamma[kr], a.beta[kr], mean[kr], var[kr], a.eps);
+  const BnAffine<acc_t> bn = bn_affine(a.bn_weight[kr], a.bn_bias[kr], mean[kr], var[kr], a.eps);
   for (int64_t n = 0; n < a.N; ++n) {
     const int64_t base = (n * a.R + r) * a.S + a.pb->offsets[k];
     for (int64_t q = 0; q < s; ++q) {
@@ -132,14 +132,14 @@ void bn_relu_forward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, cons
   }
 }
 
-// Backward of item (k, r): masked grad g = grad_out * (y > 0), dbeta = sum g, dgamma = sum g * xhat,
+// Backward of item (k, r): masked grad g = grad_out * (y > 0), dbn_bias = sum g, dbn_weight = sum g * xhat,
 // then dz (through the batch statistics in training) into dzrow = dZ_k[r, :].
 template <typename scalar_t, typename acc_t>
-void bn_relu_backward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, const scalar_t* go,
+void bn_relu_backward_row(const ReductionArgs<acc_t>& a, int64_t k, int64_t r, const scalar_t* go,
                           const acc_t* z, const acc_t* mean, const acc_t* var, acc_t* dzrow,
-                          acc_t* dgamma, acc_t* dbeta) {
+                          acc_t* dbn_weight, acc_t* dbn_bias) {
   const int64_t s = a.pb->sizes[k] * a.pb->sizes[k], kr = k * a.R + r, m = a.N * s;
-  const BnAffine<acc_t> bn = bn_affine(a.gamma[kr], a.beta[kr], mean[kr], var[kr], a.eps);
+  const BnAffine<acc_t> bn = bn_affine(a.bn_weight[kr], a.bn_bias[kr], mean[kr], var[kr], a.eps);
   acc_t sum_g = 0, sum_gx = 0;
   for (int64_t n = 0; n < a.N; ++n) {  // pass 1: masked grad (kept in dzrow) and its two sums
     const int64_t base = (n * a.R + r) * a.S + a.pb->offsets[k];
@@ -151,9 +151,9 @@ void bn_relu_backward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, con
       sum_gx += g * ((zv - mean[kr]) * bn.invstd);
     }
   }
-  dbeta[r] = sum_g;
-  dgamma[r] = sum_gx;
-  const acc_t gi = a.gamma[kr] * bn.invstd;
+  dbn_bias[r] = sum_g;
+  dbn_weight[r] = sum_gx;
+  const acc_t gi = a.bn_weight[kr] * bn.invstd;
   if (!a.training) {
     for (int64_t e = 0; e < m; ++e) dzrow[e] = dzrow[e] * gi;
     return;
@@ -171,19 +171,19 @@ void bn_relu_backward_row(const ProjectArgs<acc_t>& a, int64_t k, int64_t r, con
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
-    const at::Tensor& pooled, const std::vector<at::Tensor>& weights,
-    const std::vector<at::Tensor>& gammas, const std::vector<at::Tensor>& betas,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_relu(
+    const at::Tensor& pooled, const std::vector<at::Tensor>& conv_weights,
+    const std::vector<at::Tensor>& bn_weights, const std::vector<at::Tensor>& bn_biases,
     const std::vector<at::Tensor>& running_means, const std::vector<at::Tensor>& running_vars,
     const std::vector<int64_t>& bins, bool training, double eps) {
   at::NoGradGuard no_grad;  // explicit gradients; never record the ATen ops used here
   const PackedBins pb = packed_bins(bins);
   check_packed(pooled, "pooled", pb);
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pb.total, nb = pb.count();
-  const int64_t R = check_weights(weights, pb, C);
+  const int64_t R = check_weights(conv_weights, pb, C);
   const at::ScalarType acc = acc_dtype(pooled.scalar_type());
-  const at::Tensor gamma = stack_params(gammas, "gammas", pb, R, acc);
-  const at::Tensor beta = stack_params(betas, "betas", pb, R, acc);
+  const at::Tensor bn_weight = stack_params(bn_weights, "bn_weights", pb, R, acc);
+  const at::Tensor bn_bias = stack_params(bn_biases, "bn_biases", pb, R, acc);
   const auto acc_opts = pooled.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor mean = training ? at::empty({nb, R}, acc_opts) : stack_params(running_means, "running_means", pb, R, acc);
   at::Tensor var = training ? at::empty({nb, R}, acc_opts) : stack_params(running_vars, "running_vars", pb, R, acc);
@@ -194,11 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
   const at::Tensor p_cns = pooled.to(acc).permute({1, 0, 2});
   std::vector<at::Tensor> zk;
   for (int64_t k = 0; k < nb; ++k) {
-    zk.push_back(fixed_order_mm(weights[k].to(acc).reshape({R, C}), bin_columns(p_cns, pb, k)));
+    zk.push_back(fixed_order_mm(conv_weights[k].to(acc).reshape({R, C}), bin_columns(p_cns, pb, k)));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_project_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_reduction_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ProjectArgs<acc_t> a{&pb, N, R, S, gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(),
+    const ReductionArgs<acc_t> a{&pb, N, R, S, bn_weight.const_data_ptr<acc_t>(), bn_bias.const_data_ptr<acc_t>(),
                                eps, training};
     acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* vp = var.data_ptr<acc_t>();
@@ -215,28 +215,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project_forward(
   return {out, z, mean, var};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-project_backward(const at::Tensor& grad_out, const at::Tensor& pooled, const at::Tensor& z_in,
-                 const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& gammas,
-                 const std::vector<at::Tensor>& betas, const at::Tensor& mean_in, const at::Tensor& var_in,
-                 const std::vector<int64_t>& bins, bool training, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& pooled, const at::Tensor& z_in,
+    const std::vector<at::Tensor>& conv_weights, const std::vector<at::Tensor>& bn_weights,
+    const std::vector<at::Tensor>& bn_biases, const at::Tensor& mean_in, const at::Tensor& var_in,
+    const std::vector<int64_t>& bins, bool training, double eps) {
   at::NoGradGuard no_grad;
   const PackedBins pb = packed_bins(bins);
   check_packed(pooled, "pooled", pb);
   check_packed(grad_out, "grad_out", pb);
-  check_packed(z_in, "z", pb);
+  check_packed(z_in, "bn_input", pb);
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pb.total, nb = pb.count();
-  const int64_t R = check_weights(weights, pb, C);
+  const int64_t R = check_weights(conv_weights, pb, C);
   const at::ScalarType acc = acc_dtype(pooled.scalar_type());
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == R && z_in.size(0) == N && z_in.size(1) == R,
-              "psp_kernels: grad_out and z must be [N, R, S] = [", N, ", ", R, ", ", S, "], got ",
+              "psp_kernels: grad_out and bn_input must be [N, R, S] = [", N, ", ", R, ", ", S, "], got ",
               grad_out.sizes(), " and ", z_in.sizes());
-  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels: z must be in the accumulation dtype ", acc,
+  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels: bn_input must be in the accumulation dtype ", acc,
               ", got ", z_in.scalar_type());
   TORCH_CHECK(mean_in.numel() == nb * R && var_in.numel() == nb * R, "psp_kernels: mean and var must be [",
               nb, ", ", R, "], got ", mean_in.sizes(), " and ", var_in.sizes());
-  const at::Tensor gamma = stack_params(gammas, "gammas", pb, R, acc);
-  const at::Tensor beta = stack_params(betas, "betas", pb, R, acc);
+  const at::Tensor bn_weight = stack_params(bn_weights, "bn_weights", pb, R, acc);
+  const at::Tensor bn_bias = stack_params(bn_biases, "bn_biases", pb, R, acc);
   const at::Tensor mean = mean_in.to(acc).contiguous(), var = var_in.to(acc).contiguous();
   const at::Tensor z = z_in.contiguous();
   TORCH_CHECK(grad_out.scalar_type() == pooled.scalar_type(), "psp_kernels: grad_out must have pooled's dtype ",
@@ -244,24 +244,21 @@ project_backward(const at::Tensor& grad_out, const at::Tensor& pooled, const at:
   const at::Tensor go = grad_out.contiguous();
   const auto acc_opts = pooled.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
 
-  std::vector<at::Tensor> dz, grad_gamma, grad_beta;
-  for (int64_t k = 0; k < nb; ++k) {
-    dz.push_back(at::empty({R, N * pb.sizes[k] * pb.sizes[k]}, acc_opts));
-    grad_gamma.push_back(at::empty({R}, acc_opts));
-    grad_beta.push_back(at::empty({R}, acc_opts));
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_project_backward", [&] {
+  std::vector<at::Tensor> dz;
+  for (int64_t k = 0; k < nb; ++k) dz.push_back(at::empty({R, N * pb.sizes[k] * pb.sizes[k]}, acc_opts));
+  at::Tensor grad_bn_weight = at::empty({nb, R}, acc_opts), grad_bn_bias = at::empty({nb, R}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_reduction_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ProjectArgs<acc_t> a{&pb, N, R, S, gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(),
+    const ReductionArgs<acc_t> a{&pb, N, R, S, bn_weight.const_data_ptr<acc_t>(), bn_bias.const_data_ptr<acc_t>(),
                                eps, training};
-    // One item per (bin k, channel r); an item owns dz_k[r, :], grad_gamma[k][r], grad_beta[k][r].
+    // One item per (bin k, channel r); an item owns dz_k[r, :], grad_bn_weight[k][r], grad_bn_bias[k][r].
     at::parallel_for(0, nb * R, grain_for(N * S / nb), [&](int64_t begin, int64_t end) {
       for (int64_t kr = begin; kr < end; ++kr) {
         const int64_t k = kr / R, r = kr % R;
         bn_relu_backward_row<scalar_t, acc_t>(
             a, k, r, go.const_data_ptr<scalar_t>(), z.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
             var.const_data_ptr<acc_t>(), dz[k].data_ptr<acc_t>() + r * dz[k].size(1),
-            grad_gamma[k].data_ptr<acc_t>(), grad_beta[k].data_ptr<acc_t>());
+            grad_bn_weight.data_ptr<acc_t>() + k * R, grad_bn_bias.data_ptr<acc_t>() + k * R);
       }
     });
   });
@@ -270,15 +267,20 @@ project_backward(const at::Tensor& grad_out, const at::Tensor& pooled, const at:
   // grad W_k [R, C] = dZ_k @ P_k^T.
   const at::Tensor p_cns = pooled.to(acc).permute({1, 0, 2});
   at::Tensor grad_pooled = at::empty({N, C, S}, pooled.options().memory_format(at::MemoryFormat::Contiguous));
-  std::vector<at::Tensor> grad_w;
+  at::Tensor grad_w = at::empty({nb, R, C}, acc_opts);
   for (int64_t k = 0; k < nb; ++k) {
     const int64_t s = pb.sizes[k] * pb.sizes[k];
-    const at::Tensor w = weights[k].to(acc).reshape({R, C});
+    const at::Tensor w = conv_weights[k].to(acc).reshape({R, C});
     const at::Tensor gpt = fixed_order_mm(dz[k].t(), w);  // grad P_k^T [N*s, C] = dZ_k^T @ W_k
     grad_pooled.narrow(2, pb.offsets[k], s).copy_(gpt.view({N, s, C}).permute({0, 2, 1}));
-    grad_w.push_back(fixed_order_mm(dz[k], bin_columns(p_cns, pb, k).t()).reshape(weights[k].sizes()));
+    grad_w[k].copy_(fixed_order_mm(dz[k], bin_columns(p_cns, pb, k).t()));
   }
-  return {grad_pooled, grad_w, grad_gamma, grad_beta};
+  return {grad_pooled, grad_w, grad_bn_weight, grad_bn_bias};
 }
 
 }  // namespace psp::cpu
+
+TORCH_LIBRARY_IMPL(psp_native, CPU, m) {
+  m.impl("reduction_conv_bn_relu", &psp::cpu::reduction_conv_bn_relu);
+  m.impl("reduction_conv_bn_relu_backward", &psp::cpu::reduction_conv_bn_relu_backward);
+}
