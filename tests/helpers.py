@@ -1,0 +1,84 @@
+"""Helpers shared by the tests: seeded inputs, semseg's PPM with random statistics, and the one
+low-precision rule (:func:`assert_low_precision_close`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+#: for tests of GPU-only behaviour (launch counts, CUDA graphs, devices)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rand(*shape, dtype=torch.float64, seed=0, device="cpu") -> torch.Tensor:
+    """Standard normal values in ``dtype`` (drawn in float64 from their own generator, so every dtype sees
+    the same numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def make_x(n, c, h, w, dtype=torch.float64, layout="nchw", device="cpu") -> torch.Tensor:
+    """x [N, C, H, W] in a layout the kernels see: ``nchw``, ``channels_last`` or ``strided`` (every other
+    channel of a wider tensor: neither NCHW- nor NHWC-contiguous)."""
+    if layout == "strided":
+        return torch.randn(n, 2 * c, h, w, dtype=torch.float64)[:, ::2].to(device=device, dtype=dtype)
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def randomize_batchnorms(module: torch.nn.Module) -> None:
+    """Non-trivial affine parameters and running statistics for every BatchNorm of ``module``."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+
+
+def make_ppm(c, bins, dtype=torch.float64, fused=True, device="cpu"):
+    """A ``PyramidPooling`` and semseg's PPM (``reference.SemsegPPM``) with the same random parameters and
+    BatchNorm statistics."""
+    import psp_kernels
+    from psp_kernels.reference import SemsegPPM
+    r = max(c // len(bins), 2)
+    semseg = SemsegPPM(c, r, bins)
+    randomize_batchnorms(semseg)
+    ours = psp_kernels.PyramidPooling(c, r, bins, fused=fused)
+    ours.load_state_dict(semseg.state_dict())
+    return ours.to(device, dtype), semseg.to(device, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The low-precision rule
+# --------------------------------------------------------------------------------------------------
+
+#: atol of the low-precision rule, relative to max(1, max |oracle|): about two ulps in fp16 / bf16.
+ATOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def max_error(t: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (t.double() - oracle.double()).abs().max().item() if t.numel() else 0.0
+
+
+def assert_low_precision_close(ours: torch.Tensor, pytorch: torch.Tensor, oracle: torch.Tensor, what: str = "",
+                               *, dtype: torch.dtype | None = None, factor: float = 2.0, reason: str = "") -> None:
+    """The one rule for results in fp32 / fp16 / bf16: our error against the fp64 oracle is at most
+    ``factor`` (2) times PyTorch's own error in the same dtype, plus a small atol:
+
+        max |ours - oracle| <= factor * max |pytorch - oracle| + ATOL[dtype] * max(1, max |oracle|)
+
+    ``pytorch`` is what PyTorch computes in that dtype from the same inputs (semseg's modules, or the
+    reference ops); ``dtype`` is the precision judged (default ``ours.dtype``; give the input's dtype for
+    results kept in the accumulation dtype). Any other ``factor`` must come with its ``reason``.
+    """
+    if factor != 2.0 and not reason:
+        raise ValueError("a factor other than 2 needs its reason")
+    dtype = dtype or ours.dtype
+    assert ours.shape == oracle.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(oracle.shape)}"
+    err, eager_err = max_error(ours, oracle), max_error(pytorch, oracle)
+    scale = max(1.0, oracle.double().abs().max().item()) if oracle.numel() else 1.0
+    bound = factor * eager_err + ATOL[dtype] * scale
+    assert err <= bound, (f"{what}: max error {err:.3g} > {bound:.3g} = {factor} x PyTorch's {dtype} error "
+                          f"{eager_err:.3g} + atol{(' (' + reason + ')') if reason else ''}")
