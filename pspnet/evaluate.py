@@ -23,7 +23,10 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError, checkpoint_config, config_help
-from .engine import base_dataset, build_eval_set, evaluate_dataset, load_for_inference, write_report
+from .eval_loop import evaluate_dataset
+from .loaders import base_dataset, build_eval_set
+from .modeling import load_for_inference
+from .report import write_report
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "main"]

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, checkpoint_config, config_help
 from .data.datasets import read_rgb
-from .engine import load_for_inference
 from .inference import predict
+from .modeling import load_for_inference
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "collect_images", "class_palette", "main"]

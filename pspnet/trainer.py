@@ -24,9 +24,15 @@ from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, lat
                          load_checkpoint, prune, save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .distributed import autocast, grad_scaler, setup
-from .engine import (EpochSampler, JsonlLog, base_dataset, build_eval_set, build_model, build_optimizer,
-                     build_train_loader, build_train_set, evaluate_dataset, get_rng_state, memory_format, set_poly_lr,
-                     set_rng_state, set_seed, write_report)
+from .eval_loop import evaluate_dataset
+from .jsonl_log import JsonlLog
+from .loaders import base_dataset, build_eval_set, build_train_loader, build_train_set
+from .lr_scheduler import set_poly_lr
+from .modeling import build_model, memory_format
+from .optim import build_optimizer
+from .report import write_report
+from .rng import get_rng_state, set_rng_state, set_seed
+from .sampler import EpochSampler
 from .models import load_backbone, load_state_dict
 
 __all__ = ["Trainer"]

@@ -134,7 +134,7 @@ def test_voc_palette():
 def test_trainer_opens_each_dataset(tmp_path):
     """The config's ``dataset`` key selects the layout; build_train_set / build_eval_set check classes."""
     from pspnet.config import ConfigError, TrainConfig
-    from pspnet.engine import build_eval_set, build_train_set
+    from pspnet.loaders import build_eval_set, build_train_set
     root = make_ade(tmp_path)
     cfg = TrainConfig(dataset="ade20k", data_root=str(root), classes=150, train_h=5, train_w=5)
     image, label = build_train_set(cfg)[0]

@@ -1,4 +1,4 @@
-"""pspnet.config, the semseg recipe pieces of pspnet.engine, and a tiny end-to-end
+"""pspnet.config, the semseg recipe pieces (optimizer, LR schedule, sampler, RNG state), and a tiny end-to-end
 ``python -m pspnet.train`` run on real CamVid images: log + checkpoints, exact resume, evaluation."""
 
 import json
@@ -14,8 +14,11 @@ import torch
 
 from pspnet.checkpoint import load_checkpoint, save_checkpoint
 from pspnet.config import ConfigError, TrainConfig, apply_overrides, load_config
-from pspnet.engine import (EpochSampler, build_model, build_optimizer, get_rng_state, param_groups, poly_lr,
-                           set_poly_lr, set_rng_state)
+from pspnet.lr_scheduler import poly_lr, set_poly_lr
+from pspnet.modeling import build_model
+from pspnet.optim import build_optimizer, param_groups
+from pspnet.rng import get_rng_state, set_rng_state
+from pspnet.sampler import EpochSampler
 from pspnet.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
