@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import TrainConfig
 from .distributed import resolve_device
+from .loss import PSPLoss, build_criterion
 from .models import PSPNet, load_state_dict
 
 __all__ = ["build_model", "load_for_inference", "memory_format"]
@@ -18,11 +19,18 @@ def memory_format(cfg: TrainConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def build_model(cfg: TrainConfig) -> PSPNet:
-    """``PSPNet`` from the config's model fields (layers, classes, bins, dropout, zoom_factor, aux_weight,
-    fused, deep_stem), in channels_last memory format when ``cfg.channels_last``."""
+def build_model(cfg: TrainConfig, criterion: Optional[PSPLoss] = None) -> PSPNet:
+    """``PSPNet`` from the config's model fields (layers, classes, bins, dropout, zoom_factor, fused,
+    deep_stem), in channels_last memory format when ``cfg.channels_last``.
+
+    Args:
+        cfg: the config.
+        criterion: the loss handed to the model (semseg ``tool/train.py``: ``PSPNet(..., criterion=criterion)``);
+            default :func:`pspnet.loss.build_criterion` of ``cfg``.
+    """
     model = PSPNet(layers=cfg.layers, classes=cfg.classes, bins=tuple(cfg.bins), dropout=cfg.dropout,
-                   zoom_factor=cfg.zoom_factor, aux_weight=cfg.aux_weight, fused=cfg.fused, deep_stem=cfg.deep_stem)
+                   zoom_factor=cfg.zoom_factor, fused=cfg.fused, deep_stem=cfg.deep_stem,
+                   criterion=criterion if criterion is not None else build_criterion(cfg))
     return model.to(memory_format=memory_format(cfg))
 
 

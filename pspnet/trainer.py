@@ -27,6 +27,7 @@ from .distributed import autocast, grad_scaler, setup
 from .eval_loop import evaluate_dataset
 from .jsonl_log import JsonlLog
 from .loaders import base_dataset, build_eval_set, build_train_loader, build_train_set
+from .loss import build_criterion
 from .lr_scheduler import set_poly_lr
 from .modeling import build_model, memory_format
 from .optim import build_optimizer
@@ -114,7 +115,8 @@ class Trainer:
         self.max_iter = cfg.epochs * self.iters_per_epoch
         if cfg.max_iters is not None:
             self.max_iter = min(self.max_iter, cfg.max_iters)
-        self.model = build_model(cfg).to(ctx.device)
+        self.criterion = build_criterion(cfg)
+        self.model = build_model(cfg, self.criterion).to(ctx.device)
         if ctx.distributed and ctx.device.type == "cuda" and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.memory_format = memory_format(cfg)
@@ -285,18 +287,18 @@ class Trainer:
         labels = labels.to(ctx.device, non_blocking=True)
         with autocast(ctx.device, cfg.amp):
             _, main_loss, aux_loss = self.net(images, labels)
-            loss = main_loss + cfg.aux_weight * aux_loss
-        means = ctx.all_reduce_sum(torch.stack([loss, main_loss, aux_loss]).detach().float()) / ctx.world_size
+            loss = self.criterion.combine(main_loss, aux_loss)
+        means = ctx.all_reduce_sum(torch.stack(loss).detach().float()) / ctx.world_size
         values = tuple(means.tolist())
         if not all(map(math.isfinite, values)):
             raise FloatingPointError(f"loss is {values[0]} at iteration {self.iteration + 1} "
                                      f"(lr {lr:.3g}); try a lower --base_lr")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
-            loss.backward()
+            loss.total.backward()
             self.optimizer.step()
         else:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss.total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return values

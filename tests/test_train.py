@@ -151,6 +151,8 @@ def test_train_resume_and_evaluate_end_to_end(tmp_path, capsys):
     for key in ("epoch", "loss", "main_loss", "aux_loss", "lr", "images_per_s", "elapsed_s"):
         assert key in train_rows[0]
     assert train_rows[0]["lr"] == pytest.approx(0.01 * (1 - 1 / 2) ** 0.9)
+    for r in train_rows:  # the criterion's total: main + aux_weight * aux
+        assert r["loss"] == pytest.approx(r["main_loss"] + 0.4 * r["aux_loss"], rel=1e-6)
     val = _rows(run, "val")[-1]
     assert len(val["iou"]) == 11 and 0 <= val["miou"] <= 1
     state = load_checkpoint(run / "final.pth")

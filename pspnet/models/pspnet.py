@@ -31,6 +31,7 @@ from psp_kernels.conv import conv_bn_act_sequential
 from psp_kernels.head import HeadConv, concat_free_head
 from psp_kernels.geometry import DEFAULT_BINS, check_bins
 
+from ..loss import PSPLoss
 from .resnet import RESNET_BLOCKS, ResNet, dilate_layer
 
 __all__ = ["PSPNet", "load_state_dict", "LoadResult", "output_size"]
@@ -74,15 +75,15 @@ class PSPNet(nn.Module):
         dropout: ``Dropout2d`` probability in both heads, in [0, 1).
         zoom_factor: 1, 2, 4 or 8; output resolution relative to the stride-8 features (see
             :func:`output_size`).
-        aux_weight: weight of the aux loss, stored for the trainer (``loss = main + aux_weight * aux``;
-            semseg: 0.4). Not used inside the model. Must be >= 0.
         fused: the fused PPM kernels (:class:`psp_kernels.PyramidPooling`) and the concat-free head
             (:func:`psp_kernels.head.concat_free_head`: ``cls.0``-``cls.2`` without the 2C-channel concat);
             and the backbone's conv + BN (+ residual) + ReLU as one op each (:mod:`psp_kernels.conv`: BN folded
             into the conv in eval mode, the fused training ops on GPU); ``False`` runs semseg's module math for
             all of them. Same parameters and results either way.
-        criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
-            ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
+        criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``, applied to the main and
+            the aux logits in train mode; default :class:`pspnet.loss.PSPLoss` ``()``: semseg's
+            ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels), whose ``combine`` weighs
+            the aux loss by 0.4. A run builds it from its config (:func:`pspnet.loss.build_criterion`).
         deep_stem: semseg's 3x3 deep stem (default); ``False``: torchvision's 7x7 stem (``layer0`` =
             Sequential(conv1, bn1, relu, maxpool)), for torchvision ImageNet weights.
 
@@ -103,7 +104,7 @@ class PSPNet(nn.Module):
     """
 
     def __init__(self, layers: int = 50, classes: int = 2, bins: Sequence[int] = DEFAULT_BINS,
-                 dropout: float = 0.1, zoom_factor: int = 8, aux_weight: float = 0.4, fused: bool = True,
+                 dropout: float = 0.1, zoom_factor: int = 8, fused: bool = True,
                  criterion: Optional[Callable[..., torch.Tensor]] = None, deep_stem: bool = True):
         super().__init__()
         # --- validate everything before building the (large) backbone
@@ -124,11 +125,8 @@ class PSPNet(nn.Module):
                              f"got {len(bins)} bins {bins} for layers={layers}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if (isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float))
-                or not 0.0 <= float(aux_weight) < float("inf")):
-            raise ValueError(f"aux_weight must be a finite float >= 0, got {aux_weight!r}")
         if criterion is None:
-            criterion = nn.CrossEntropyLoss(ignore_index=255)
+            criterion = PSPLoss()
         elif not callable(criterion):
             raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
 
@@ -137,10 +135,9 @@ class PSPNet(nn.Module):
         self.bins = bins
         self.dropout = float(dropout)
         self.zoom_factor = zoom_factor
-        self.aux_weight = float(aux_weight)
         self.fused = bool(fused)
         self.fea_dim = fea_dim
-        self.criterion = criterion  # registered first, as in semseg; CrossEntropyLoss has no state
+        self.criterion = criterion  # registered first, as in semseg; PSPLoss has no state
 
         # --- backbone (semseg: ResNet deep_base, stem re-wrapped as layer0, then dilation surgery)
         self.deep_stem = bool(deep_stem)
@@ -208,8 +205,9 @@ class PSPNet(nn.Module):
         Returns:
             train mode with ``y``: ``(pred, main_loss, aux_loss)``: pred int64 [N, h, w] (argmax of the
             main logits), the two scalar losses of the logits upsampled to (h, w) (bilinear,
-            align_corners=True) against ``y``, i.e. at full resolution. The caller forms
-            ``main_loss + self.aux_weight * aux_loss``.
+            align_corners=True) against ``y``, i.e. at full resolution. With a :class:`~pspnet.loss.PSPLoss`
+            criterion the total to back-propagate is ``self.criterion.combine(main_loss, aux_loss).total``
+            (``main_loss + aux_weight * aux_loss``).
             otherwise: logits [N, classes, h, w] in x's dtype (the aux head is not run).
 
         Raises:
@@ -243,7 +241,7 @@ class PSPNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, classes={self.classes}, bins={self.bins}, zoom_factor={self.zoom_factor}, "
-                f"aux_weight={self.aux_weight}, fused={self.fused}")
+                f"fused={self.fused}")
 
 
 class LoadResult(NamedTuple):
