@@ -31,6 +31,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from .data.registry import dataset_names
+
 __all__ = ["TrainConfig", "ConfigError", "load_config", "checkpoint_config", "apply_overrides", "parse_value",
            "config_help"]
 
@@ -55,7 +57,7 @@ class TrainConfig:
     dataset: str = "camvid"
     """Dataset layout: ``camvid``, ``ade20k`` (the ADEChallengeData2016 folder), ``voc2012`` (semseg's
     voc2012 folder with SBD and list/), ``cityscapes`` or ``folder`` (``<split>/images``, ``<split>/labels``);
-    see :mod:`pspnet.data.datasets`."""
+    the names of :mod:`pspnet.data.registry`."""
     classes: int = 11
     """Number of classes K (network output channels)."""
     ignore_label: int = 255
@@ -187,8 +189,7 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"config key '{key}': {what}, got {getattr(self, key)!r}")
 
-        from pspnet.data.datasets import DATASETS
-        need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
+        need(self.dataset in dataset_names(), "dataset", f"one of {', '.join(dataset_names())}")
         need(self.classes >= 1, "classes", "must be >= 1")
         need(self.ignore_label == 255, "ignore_label",
              "only 255 is supported (CamVid's void value and PSPNet's CrossEntropyLoss ignore_index)")

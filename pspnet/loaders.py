@@ -9,8 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import ConfigError, TrainConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD, seed_worker, train_transform
-from .data.datasets import open_dataset
+from .data import IMAGENET_MEAN, IMAGENET_STD, open_dataset, seed_worker, train_transform
 from .sampler import EpochSampler
 
 __all__ = ["limit_dataset", "base_dataset", "build_train_set", "build_eval_set", "build_train_loader"]
