@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune, save_checkpoint)
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, resume_free_keys
 from .distributed import autocast, grad_scaler, setup
 from .eval_loop import evaluate_dataset
 from .jsonl_log import JsonlLog
@@ -38,12 +38,6 @@ from .sampler import EpochSampler
 from .models import load_backbone, load_state_dict
 
 __all__ = ["Trainer"]
-
-# config keys whose change on resume is expected (schedule length, bookkeeping, evaluation)
-_RESUME_FREE_KEYS = {"resume", "overwrite", "max_iters", "epochs", "eval_freq", "save_freq", "keep_last",
-                     "log_freq", "workers", "threads", "cache_data", "max_val_samples", "batch_size_val",
-                     "base_size", "test_h", "test_w", "scales", "flip", "window_batch", "save_path", "data_root",
-                     "backbone_weights", "device"}
 
 
 class _Window:
@@ -199,9 +193,9 @@ class Trainer:
                           f"from iteration {self.iteration}", stacklevel=2)
         self.best = dict(state.get("best") or {})
         self.last_metrics = state.get("metrics")
-        saved_cfg = state.get("config") or {}
+        saved_cfg, free = state.get("config") or {}, resume_free_keys()
         changed = {k: (saved_cfg[k], v) for k, v in self.cfg.to_dict().items()
-                   if k in saved_cfg and saved_cfg[k] != v and k not in _RESUME_FREE_KEYS}
+                   if k in saved_cfg and saved_cfg[k] != v and k not in free}
         if changed:
             warnings.warn(f"resuming {path} with changed config keys (saved, now): {changed}", stacklevel=2)
         per_rank = state.get("rng_per_rank") or []

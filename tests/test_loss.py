@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pspnet.config import load_config
+from pspnet.config_files import load_config
 from pspnet.loss import LossParts, PSPLoss, build_criterion
 from pspnet.modeling import build_model
 from pspnet.models import PSPNet

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pspnet.checkpoint import load_checkpoint, save_checkpoint
-from pspnet.config import ConfigError, TrainConfig, apply_overrides, load_config
+from pspnet.config import ConfigError
+from pspnet.config_files import load_config
 from pspnet.lr_scheduler import build_lr_scheduler
 from pspnet.modeling import build_model
 from pspnet.optim import build_optimizer, param_groups
@@ -43,7 +44,7 @@ def test_overrides_parse_by_field_type():
     assert cfg.scales == [0.5, 1.0, 1.75] and cfg.bins == [1, 2]
     assert cfg.rotate_min == -20.0 and cfg.rotate_max == -5.0
     assert cfg.seed is None and cfg.max_iters == 3 and cfg.resume == "auto"
-    assert apply_overrides(TrainConfig(), ["--flip", "true", "--fused", "no"]).fused is False
+    assert load_config(None, ["--flip", "true", "--fused", "no"]).fused is False
 
 
 @pytest.mark.parametrize("tokens,key", [
