@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from pspnet import PSPNet
 from pspnet.config_files import load_config
 from pspnet.loss import LossParts, PSPLoss, build_criterion
 from pspnet.modeling import build_model
-from pspnet.models import PSPNet
 
 
 def _logits_and_target(dtype=torch.float64, ignore=255):

@@ -201,6 +201,12 @@ def test_pspnet50_state_dict_layout():
     assert m.criterion.aux_weight == pytest.approx(0.4)
 
 
+def test_pspnet_is_exported_by_the_package():
+    import pspnet
+    assert pspnet.PSPNet is PSPNet and "PSPNet" in pspnet.__all__
+    assert not hasattr(PSPNet, "backbone_modules") and not hasattr(PSPNet, "head_modules")
+
+
 def test_pspnet101_state_dict_layout():
     m = PSPNet(layers=101, classes=150, fused=False)
     sd = m.state_dict()

@@ -157,14 +157,6 @@ class PSPNet(nn.Module):
         aux_in = 256 * block.expansion
         self.aux = _head(aux_in, 256, classes, dropout)
 
-    def backbone_modules(self) -> list[nn.Module]:
-        """``[layer0, ..., layer4]``: semseg's base-LR parameter groups (``tool/train.py``)."""
-        return [self.layer0, self.layer1, self.layer2, self.layer3, self.layer4]
-
-    def head_modules(self) -> list[nn.Module]:
-        """``[ppm, cls, aux]``: semseg's 10x-LR parameter groups (``index_split = 5``)."""
-        return [self.ppm, self.cls, self.aux]
-
     def _check_inputs(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
