@@ -1,6 +1,6 @@
 """Data loading and augmentation for PSPNet.
 
-:class:`CamVid` reads the SegNet 11-class CamVid copy in ``shared/data/camvid``; :class:`ADE20K`,
+:class:`CamVid` reads the SegNet 11-class CamVid copy (``classes.json``, one folder per split); :class:`ADE20K`,
 :class:`VOC2012` (with SBD), :class:`Cityscapes` and :class:`ImageFolderSegmentation` read those datasets in
 their own layouts (:mod:`pspnet.data.datasets`); :func:`open_dataset` opens the one a config's ``dataset`` key
 names (:mod:`pspnet.data.registry`, where :func:`register_dataset` adds a layout); the transforms reproduce

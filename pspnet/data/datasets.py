@@ -4,7 +4,7 @@ Each class is ``Name(root, split, transform=None)`` with ``root`` the dataset's 
 ``(image, label)``: ``image`` a ``np.uint8`` RGB array H x W x 3 and ``label`` a ``np.uint8`` array H x W
 of class indices with 255 = ignore (``transform(np.float32(image), label)`` when a transform is given,
 as :class:`pspnet.data.CamVid` and semseg ``util/dataset.py``). Label conventions follow semseg's
-prepared lists (``semseg.md``):
+prepared lists:
 
 - :class:`ADE20K` (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
   ``annotations/{training,validation}/*.png`` with 0 = "other" and 1..150 the classes; the label is
