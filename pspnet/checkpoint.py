@@ -4,8 +4,10 @@ Writes go to a temporary file in the destination folder, are flushed and fsync'e
 destination with ``os.replace`` (atomic on POSIX), so a crash or error mid-save leaves any previous
 file at that path intact and no temporary behind. Our checkpoints are dicts with at least
 ``state_dict`` (model), ``optimizer``, ``epoch`` (completed epochs), ``iteration`` (completed
-iterations), ``config`` (TrainConfig as dict), ``rng`` and ``best`` (metrics); ``state_dict`` is the
-key semseg's ``tool/train.py`` uses, so ``pspnet.models.load_state_dict`` reads both formats.
+iterations), ``config`` (TrainConfig as dict), ``lr_scheduler`` (the LR scheduler's ``state_dict``; absent
+from checkpoints of earlier versions, which resume at the poly LR of their iteration), ``rng`` and ``best``
+(metrics); ``state_dict`` is the key semseg's ``tool/train.py`` uses, so ``pspnet.models.load_state_dict``
+reads both formats.
 
 Run folders hold ``epoch_NNNN.pth`` (pruned to the newest ``keep_last``) and ``final.pth``.
 """

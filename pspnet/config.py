@@ -1,38 +1,30 @@
-"""Training / evaluation configuration: one dataclass, loaded from YAML, overridden from the command line.
+"""The recipe of a PSPNet training / evaluation run: one dataclass, :class:`TrainConfig`, and its validation.
 
 Field names follow hszhao/semseg's ``config/*/*.yaml`` where semseg has the setting (``train_h``,
-``base_lr``, ``power``, ``aux_weight``, ``scales``, ...). Every knob of the recipe is a field here, so
-a run is fully described by its YAML file plus ``--key value`` overrides, and the resolved config is
-stored in every checkpoint.
-
-Usage::
-
-    cfg = load_config("configs/camvid.yaml", ["--base_lr", "0.02", "--no-fused", "--scales", "0.5,1.0"])
-
-Overrides accept ``--key value``, ``--key=value``, ``--some-key`` spelled with dashes, a bare
-``--flag`` (sets a bool field to true) and ``--no-flag`` (sets it to false). Values are parsed by the
-field's type: bools from ``true/false`` (also ``yes/no``, ``on/off``, ``1/0``), lists from ``1,2,3`` or
-YAML ``[1, 2, 3]``, optional fields from ``none``/``null``.
+``base_lr``, ``power``, ``aux_weight``, ``scales``, ...). Every knob of the recipe is a field, so a run is
+fully described by its YAML file plus ``--key value`` overrides, and the resolved config is stored in
+every checkpoint. Each field's ``dataclasses.field(metadata=...)`` holds its help text (``"help"``) and
+whether it may change when a run is resumed (``"resume_free"``); the command line
+(:mod:`pspnet.config_cli`) is generated from them, and YAML files and checkpoints are read by
+:mod:`pspnet.config_files`.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import functools
-import inspect
-import os
+import math
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "checkpoint_config", "apply_overrides", "parse_value",
-           "config_help"]
+from .data.registry import dataset_names
+
+__all__ = ["TrainConfig", "ConfigError", "field_name", "field_help", "field_type", "parse_value", "resume_free_keys"]
 
 VALID_LAYERS = (18, 34, 50, 101, 152)
 VALID_ZOOM = (1, 2, 4, 8)
@@ -42,165 +34,156 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names the offending key."""
 
 
+def _key(default: Any, help: str, *, resume_free: bool = False) -> Any:
+    """A config field: its default (a list default is copied per instance), help text and whether it may
+    change when a run is resumed (schedule length, bookkeeping, evaluation, file locations)."""
+    metadata = {"help": help, "resume_free": resume_free}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a PSPNet training / evaluation run (semseg ``config/*.yaml`` names).
-
-    Each field carries an attribute docstring (shown by :func:`config_help`) with its unit.
-    """
+    """Every setting of a PSPNet training / evaluation run (semseg ``config/*.yaml`` names)."""
 
     # ---------------------------------------------------------------- data
-    data_root: str = "../shared/data/camvid"
-    """Dataset root folder (relative paths are relative to the current working directory)."""
-    dataset: str = "camvid"
-    """Dataset layout: ``camvid``, ``ade20k`` (the ADEChallengeData2016 folder), ``voc2012`` (semseg's
-    voc2012 folder with SBD and list/), ``cityscapes`` or ``folder`` (``<split>/images``, ``<split>/labels``);
-    see :mod:`pspnet.data.datasets`."""
-    classes: int = 11
-    """Number of classes K (network output channels)."""
-    ignore_label: int = 255
-    """Label value excluded from loss and metrics (semseg ``ignore_label``); must be 255."""
-    max_samples: Optional[int] = None
-    """Use only the first N training images (in sorted file order); None = all. For smoke tests."""
-    max_val_samples: Optional[int] = None
-    """Use only the first N validation images; None = all. For smoke tests."""
-    cache_data: bool = True
-    """Keep decoded images and labels in memory after the first read (saves PNG decoding, costs RAM)."""
+    data_root: str = _key("../shared/data/camvid", "Dataset root folder (relative paths are relative to the "
+                          "current working directory).", resume_free=True)
+    dataset: str = _key("camvid", "Dataset layout, a name of the dataset registry (pspnet.data.registry): camvid, "
+                        "ade20k (the ADEChallengeData2016 folder), voc2012 (semseg's voc2012 folder with SBD and "
+                        "list/), cityscapes or folder (<split>/images, <split>/labels).")
+    classes: int = _key(11, "Number of classes K (network output channels).")
+    ignore_label: int = _key(255, "Label value excluded from the loss (the cross-entropy's ignore index) and the "
+                             "metrics (semseg ignore_label); must be 255.")
+    max_samples: Optional[int] = _key(None, "Use only the first N training images (in sorted file order); none = "
+                                      "all. For smoke tests.")
+    max_val_samples: Optional[int] = _key(None, "Use only the first N validation images; none = all. For smoke "
+                                          "tests.", resume_free=True)
+    cache_data: bool = _key(True, "Keep decoded images and labels in memory after the first read (saves PNG "
+                            "decoding, costs RAM).", resume_free=True)
 
     # ---------------------------------------------------------------- model
-    layers: int = 18
-    """ResNet depth of the backbone, one of 18, 34, 50, 101, 152."""
-    bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
-    """Pyramid pooling bin sizes (output cells per side), concatenated in this order after x."""
-    zoom_factor: int = 8
-    """Logit upsampling factor of semseg's PSPNet, one of 1, 2, 4, 8 (8 = full input resolution)."""
-    dropout: float = 0.1
-    """Dropout2d probability in the cls and aux heads."""
-    aux_weight: float = 0.4
-    """Weight of the auxiliary (layer3) loss: loss = main_loss + aux_weight * aux_loss."""
-    deep_stem: bool = True
-    """semseg's 3x3 deep stem (True) or torchvision's 7x7 stem (False, for torchvision ImageNet weights)."""
-    backbone_weights: Optional[str] = None
-    """ImageNet ResNet weights for the backbone of a fresh run (semseg's ``resnet50_v2.pth`` format with
-    ``deep_stem``, torchvision's without); None = random init. Ignored on resume."""
-    fused: bool = True
-    """Use the fused ops: pyramid pooling, the concat-free head, and the backbone's conv + BN + ReLU (folded in
-    eval; fused training ops on GPU). False = semseg's module-by-module PyTorch model."""
-    channels_last: bool = True
-    """Run the model and its inputs in channels_last (NHWC) memory format: oneDNN's fast layout on CPU
-    (about 9 % faster per training step on the 2-core CPU at batch 8, 180x240)."""
+    layers: int = _key(18, "ResNet depth of the backbone, one of 18, 34, 50, 101, 152.")
+    bins: list[int] = _key([1, 2, 3, 6], "Pyramid pooling bin sizes (output cells per side), concatenated in "
+                           "this order after x.")
+    zoom_factor: int = _key(8, "Logit upsampling factor of semseg's PSPNet, one of 1, 2, 4, 8 (8 = full input "
+                            "resolution).")
+    dropout: float = _key(0.1, "Dropout2d probability in the cls and aux heads.")
+    aux_weight: float = _key(0.4, "Weight of the auxiliary (layer3) loss: loss = main_loss + aux_weight * "
+                             "aux_loss.")
+    deep_stem: bool = _key(True, "semseg's 3x3 deep stem (true) or torchvision's 7x7 stem (false, for torchvision "
+                           "ImageNet weights).")
+    backbone_weights: Optional[str] = _key(None, "ImageNet ResNet weights for the backbone of a fresh run "
+                                           "(semseg's resnet50_v2.pth format with deep_stem, torchvision's "
+                                           "without); none = random init. Ignored on resume.", resume_free=True)
+    fused: bool = _key(True, "Use the fused ops: pyramid pooling, the concat-free head, and the backbone's conv + "
+                       "BN + ReLU (folded in eval; fused training ops on GPU). false = semseg's module-by-module "
+                       "PyTorch model. The default of the three switches below.")
+    fused_ppm: Optional[bool] = _key(None, "The pyramid pooling module runs the fused kernels; none = as fused.")
+    concat_free_head: Optional[bool] = _key(None, "The head's 3x3 conv + BN + ReLU without the 2C-channel concat; "
+                                            "none = as fused.")
+    fused_backbone: Optional[bool] = _key(None, "The backbone's conv + BN (+ shortcut) + ReLU as one op each; none "
+                                          "= as fused.")
+    channels_last: bool = _key(True, "Run the model and its inputs in channels_last (NHWC) memory format: "
+                               "oneDNN's fast layout on CPU (about 9 % faster per training step on a 2-core CPU "
+                               "at batch 8, 180x240).")
 
     # ---------------------------------------------------------------- augmentation
-    train_h: int = 180
-    """Training crop height in pixels."""
-    train_w: int = 240
-    """Training crop width in pixels."""
-    scale_min: float = 0.25
-    """Lower bound of the random rescale factor (relative to the stored image size)."""
-    scale_max: float = 1.0
-    """Upper bound of the random rescale factor (relative to the stored image size)."""
-    rotate_min: float = -10.0
-    """Lower bound of the random rotation, degrees (applied with p=0.5, semseg RandRotate)."""
-    rotate_max: float = 10.0
-    """Upper bound of the random rotation, degrees."""
+    train_h: int = _key(180, "Training crop height in pixels.")
+    train_w: int = _key(240, "Training crop width in pixels.")
+    scale_min: float = _key(0.25, "Lower bound of the random rescale factor (relative to the stored image size).")
+    scale_max: float = _key(1.0, "Upper bound of the random rescale factor (relative to the stored image size).")
+    rotate_min: float = _key(-10.0, "Lower bound of the random rotation, degrees (applied with p=0.5, semseg "
+                             "RandRotate).")
+    rotate_max: float = _key(10.0, "Upper bound of the random rotation, degrees.")
 
     # ---------------------------------------------------------------- optimisation
-    batch_size: int = 8
-    """Training images per iteration over all processes (semseg's global ``batch_size``; under torchrun each
-    of the K processes takes batch_size / K). >= 2: BatchNorm on the 1x1 bin needs more than one value."""
-    batch_size_val: int = 1
-    """Images per batch during validation (inference runs one image at a time; kept for semseg parity)."""
-    epochs: int = 14
-    """Number of passes over the training set (``drop_last=True``)."""
-    max_iters: Optional[int] = None
-    """Cap on the total number of iterations: max_iter = min(epochs * iters_per_epoch, max_iters), which is
-    also the poly schedule's max_iter. None = no cap."""
-    base_lr: float = 0.01
-    """Learning rate of the backbone (layer0..layer4) at iteration 0."""
-    head_lr_mult: float = 10.0
-    """LR multiplier of the head (ppm, cls, aux) relative to base_lr (semseg: 10)."""
-    power: float = 0.9
-    """Exponent of the poly schedule lr = base_lr * (1 - iter / max_iter) ** power."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 1e-4
-    """SGD weight decay (L2), applied to every parameter including BN and biases (semseg)."""
+    batch_size: int = _key(8, "Training images per iteration over all processes (semseg's global batch_size; "
+                           "under torchrun each of the K processes takes batch_size / K). >= 2: BatchNorm on the "
+                           "1x1 bin needs more than one value.")
+    batch_size_val: int = _key(1, "Images per batch during validation (inference runs one image at a time; kept "
+                               "for semseg parity).", resume_free=True)
+    epochs: int = _key(14, "Number of passes over the training set (drop_last=True).", resume_free=True)
+    max_iters: Optional[int] = _key(None, "Cap on the total number of iterations: max_iter = min(epochs * "
+                                    "iters_per_epoch, max_iters), which is also the poly LR's max_iter. none = no "
+                                    "cap.", resume_free=True)
+    base_lr: float = _key(0.01, "Learning rate of the backbone (layer0..layer4) at iteration 0.")
+    head_lr_mult: float = _key(10.0, "LR multiplier of the head (ppm, cls, aux) relative to base_lr (semseg: 10).")
+    power: float = _key(0.9, "Exponent of the poly LR: lr = base_lr * (1 - iter / max_iter) ** power.")
+    momentum: float = _key(0.9, "SGD momentum.")
+    weight_decay: float = _key(1e-4, "SGD weight decay (L2), applied to every parameter including BN and biases "
+                               "(semseg).")
 
     # ---------------------------------------------------------------- runtime
-    workers: int = 0
-    """DataLoader worker processes (0 = load in the main process; workers compete for CPU cores)."""
-    seed: Optional[int] = 0
-    """Random seed for python, numpy, torch and the data order; None = draw one (recorded in the checkpoint)."""
-    threads: Optional[int] = None
-    """torch.set_num_threads value; None = PyTorch's default."""
-    device: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``; under torchrun each process uses
-    ``cuda:LOCAL_RANK``."""
-    amp: str = "none"
-    """Mixed precision: ``none`` (fp32), ``bf16`` or ``fp16`` autocast (fp16 with a GradScaler); parameters,
-    optimizer state and BatchNorm statistics stay fp32."""
-    sync_bn: bool = True
-    """Under torchrun on CUDA, convert every BatchNorm to SyncBatchNorm (batch statistics over the global
-    batch, as semseg); CPU runs keep per-process BatchNorm."""
-    save_path: str = "runs/camvid"
-    """Output folder for checkpoints, log.jsonl and validation results."""
-    save_freq: int = 1
-    """Save a checkpoint every N epochs (a ``final.pth`` is always written at the end)."""
-    keep_last: int = 3
-    """Keep only the newest K ``epoch_*.pth`` checkpoints of this run; 0 = keep all. final.pth is never pruned."""
-    eval_freq: int = 0
-    """Validate every N epochs; 0 = only once, after training."""
-    log_freq: int = 10
-    """Write a training row to log.jsonl every N iterations."""
-    resume: Optional[str] = None
-    """None = fresh run; a checkpoint path; or ``auto`` = newest valid checkpoint in save_path."""
-    overwrite: bool = False
-    """Allow a fresh (non-resumed) run in a save_path that already holds checkpoints."""
+    workers: int = _key(0, "DataLoader worker processes (0 = load in the main process; workers compete for CPU "
+                        "cores).", resume_free=True)
+    seed: Optional[int] = _key(0, "Random seed for python, numpy, torch and the data order; none = draw one "
+                               "(recorded in the checkpoint).")
+    threads: Optional[int] = _key(None, "torch.set_num_threads value; none = PyTorch's default.", resume_free=True)
+    device: str = _key("auto", "auto (CUDA when available, else CPU), cpu or cuda; under torchrun each process "
+                       "uses cuda:LOCAL_RANK.", resume_free=True)
+    amp: str = _key("none", "Mixed precision: none (fp32), bf16 or fp16 autocast (fp16 with a GradScaler); "
+                    "parameters, optimizer state and BatchNorm statistics stay fp32.")
+    sync_bn: bool = _key(True, "Under torchrun on CUDA, convert every BatchNorm to SyncBatchNorm (batch statistics "
+                         "over the global batch, as semseg); CPU runs keep per-process BatchNorm.")
+    save_path: str = _key("runs/camvid", "Output folder for checkpoints, log.jsonl and validation results.",
+                          resume_free=True)
+    save_freq: int = _key(1, "Save a checkpoint every N epochs (a final.pth is always written at the end).",
+                          resume_free=True)
+    keep_last: int = _key(3, "Keep only the newest K epoch_*.pth checkpoints of this run; 0 = keep all. final.pth "
+                          "is never pruned.", resume_free=True)
+    eval_freq: int = _key(0, "Validate every N epochs; 0 = only once, after training.", resume_free=True)
+    log_freq: int = _key(10, "Write a training row to log.jsonl every N iterations.", resume_free=True)
+    resume: Optional[str] = _key(None, "none = fresh run; a checkpoint path; or auto = newest valid checkpoint in "
+                                 "save_path.", resume_free=True)
+    overwrite: bool = _key(False, "Allow a fresh (non-resumed) run in a save_path that already holds checkpoints.",
+                           resume_free=True)
 
     # ---------------------------------------------------------------- testing (semseg tool/test.py)
-    base_size: int = 240
-    """Long side, in pixels, the image is resized to at scale 1.0 before sliding-window inference."""
-    test_h: int = 180
-    """Sliding-window crop height in pixels."""
-    test_w: int = 240
-    """Sliding-window crop width in pixels."""
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    """Test scales (multiples of base_size); probabilities are averaged over them."""
-    flip: bool = False
-    """Also run each window horizontally flipped and average the probabilities."""
-    window_batch: int = 16
-    """Max sliding windows (flips included) per forward pass during inference."""
+    base_size: int = _key(240, "Long side, in pixels, the image is resized to at scale 1.0 before sliding-window "
+                          "inference.", resume_free=True)
+    test_h: int = _key(180, "Sliding-window crop height in pixels.", resume_free=True)
+    test_w: int = _key(240, "Sliding-window crop width in pixels.", resume_free=True)
+    scales: list[float] = _key([1.0], "Test scales (multiples of base_size); probabilities are averaged over them.",
+                               resume_free=True)
+    flip: bool = _key(False, "Also run each window horizontally flipped and average the probabilities.",
+                      resume_free=True)
+    window_batch: int = _key(16, "Max sliding windows (flips included) per forward pass during inference.",
+                             resume_free=True)
 
     def validate(self) -> "TrainConfig":
-        """Check types and value ranges of every field.
+        """Check the type and value range of every field (a string for a non-string field is parsed, as
+        :func:`parse_value`: YAML reads ``1e-4`` as a string).
 
         Returns:
             self, for chaining.
         Raises:
             ConfigError: naming the first offending field.
         """
-        hints = _type_hints()
         for f in dataclasses.fields(self):
-            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+            try:
+                setattr(self, f.name, parse_value(field_type(f.name), getattr(self, f.name)))
+            except ValueError as e:
+                raise ConfigError(f"config key '{f.name}': {e}") from None
 
         def need(cond: bool, key: str, what: str) -> None:
             if not cond:
                 raise ConfigError(f"config key '{key}': {what}, got {getattr(self, key)!r}")
 
-        from pspnet.data.datasets import DATASETS
-        need(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}")
+        need(self.dataset in dataset_names(), "dataset", f"one of {', '.join(dataset_names())}")
         need(self.classes >= 1, "classes", "must be >= 1")
         need(self.ignore_label == 255, "ignore_label",
-             "only 255 is supported (CamVid's void value and PSPNet's CrossEntropyLoss ignore_index)")
+             "only 255 is supported (CamVid's void value and PSPNet's cross-entropy ignore index)")
         need(self.classes < 255, "classes", "must be < 255 (255 is the ignore label)")
         for key in ("max_samples", "max_val_samples", "max_iters", "threads"):
-            need(getattr(self, key) is None or getattr(self, key) >= 1, key, "must be None or >= 1")
+            need(getattr(self, key) is None or getattr(self, key) >= 1, key, "must be none or >= 1")
         need(self.layers in VALID_LAYERS, "layers", f"must be one of {VALID_LAYERS}")
         need(len(self.bins) > 0 and all(b >= 1 for b in self.bins), "bins", "must be a non-empty list of ints >= 1")
         need(len(set(self.bins)) == len(self.bins), "bins", "must not repeat a size")
         need(self.zoom_factor in VALID_ZOOM, "zoom_factor", f"must be one of {VALID_ZOOM}")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        need(self.aux_weight >= 0, "aux_weight", "must be >= 0")
+        need(0 <= self.aux_weight < math.inf, "aux_weight", "must be finite and >= 0")
         for key in ("train_h", "train_w", "base_size", "test_h", "test_w", "epochs", "batch_size_val",
                     "save_freq", "log_freq", "window_batch"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
@@ -228,275 +211,128 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """Build a validated config from a mapping.
+        """Build a validated config from a mapping of field names to values (missing keys: the defaults).
 
+        Args:
+            data: the values, typed (YAML, a checkpoint) or as command-line text.
+            source: where ``data`` comes from, for the messages (a file name, ``command line``).
         Raises:
-            ConfigError: ``data`` is not a mapping, has an unknown key, or a bad value.
+            ConfigError: ``data`` is not a mapping, has an unknown key (with a "did you mean" hint), or a
+                bad value (naming the key).
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
-        cfg = cls()
-        for key, value in data.items():
-            name = _field_name(str(key), source)
-            setattr(cfg, name, value)
-        return cfg.validate()
+        return cls(**{field_name(str(key), source): value for key, value in data.items()}).validate()
 
 
-# ---------------------------------------------------------------------------- type handling
+# ---------------------------------------------------------------------------- fields
+
+@functools.lru_cache(maxsize=1)
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_name(key: str, source: str) -> str:
+    """The field a user-supplied ``key`` names (dashes may stand for underscores: ``max-iters``).
+
+    Raises:
+        ConfigError: ``key`` is not a field; the message names ``source`` and ``key`` and suggests the
+            closest field.
+    """
+    name = key.strip().replace("-", "_")
+    if name in _fields():
+        return name
+    close = difflib.get_close_matches(name, list(_fields()), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+@functools.lru_cache(maxsize=None)
+def field_type(name: str) -> Any:
+    """The annotated type of field ``name`` (``int``, ``Optional[str]``, ``list[float]``, ...)."""
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def field_help(name: str) -> str:
+    """The help text of field ``name`` (its ``metadata["help"]``)."""
+    return _fields()[name].metadata["help"]
+
+
+def resume_free_keys() -> frozenset[str]:
+    """The fields that may change when a run is resumed without a warning (``metadata["resume_free"]``)."""
+    return frozenset(name for name, f in _fields().items() if f.metadata["resume_free"])
+
+
+# ---------------------------------------------------------------------------- values
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _NONE = {"none", "null", "~", ""}
 
 
-@functools.lru_cache(maxsize=1)
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+def parse_value(tp: Any, value: Any) -> Any:
+    """``value`` as type ``tp`` (a field's annotation): command-line text is parsed, typed values (YAML,
+    checkpoints) are checked.
 
-
-def _field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-def _field_name(key: str, source: str) -> str:
-    """Map a user-supplied key (dashes allowed) to a field name, or raise naming it."""
-    name = key.strip().replace("-", "_")
-    names = _field_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
-    return name
-
-
-def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the field type ``tp``.
-
-    Strings are parsed (``"1e-4"`` -> float, ``"true"`` -> bool, ``"1,2"`` -> list); other values must
-    already have the right type (ints are accepted for float fields, never bools for numbers).
+    Text: numbers as Python's ``int`` / ``float``; bools ``true/false``, ``yes/no``, ``on/off``, ``1/0``;
+    lists ``0.5,0.75,1`` or YAML's ``[0.5, 0.75, 1]`` (parsed by YAML); ``none`` / ``null`` for an optional
+    field. Typed values: ints are accepted for floats and integral floats for ints, never bools for
+    numbers; a number for a list field is a one-element list.
 
     Raises:
-        ConfigError: naming ``key`` when the value does not fit the type.
+        ValueError: the value does not fit ``tp``; the message says what was expected.
     """
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(key, value, inner[0])
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return parse_value(inner, value)
     if value is None:
-        raise ConfigError(f"config key '{key}': must not be null (expected {_type_name(tp)})")
-    if origin is list:
-        (elem,) = args
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                value = _yaml_scalar(key, text)
-            else:
-                value = [v for v in (p.strip() for p in text.split(",")) if v != ""]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list of {_type_name(elem)}, got {value!r}")
-        return [coerce(key, v, elem) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"config key '{key}': expected a bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an int, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    raise TypeError(f"config key '{key}': unsupported field type {tp!r}")  # programming error
+        raise ValueError(f"must not be null (expected {_type_name(tp)})")
+    if typing.get_origin(tp) is list:
+        return [parse_value(typing.get_args(tp)[0], item) for item in _as_list(value, tp)]
+    if isinstance(value, str) and tp is not str:
+        return _parse_text(tp, value.strip())
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and (isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+        return str(value)
+    raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
 
 
-def _yaml_scalar(key: str, text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config key '{key}': cannot parse {text!r} as YAML: {e}") from None
+def _parse_text(tp: Any, text: str) -> Any:
+    """Command-line text as a bool, int or float."""
+    if tp is bool and text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            pass
+    raise ValueError(f"expected {_type_name(tp)}, got {text!r}")
+
+
+def _as_list(value: Any, tp: Any) -> list:
+    """The items of a list value: a list, a number, or text (``1,2`` or ``[1, 2]``, parsed by YAML)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = yaml.safe_load(text if text.startswith("[") else f"[{text}]")
+        except yaml.YAMLError:
+            raise ValueError(f"expected {_type_name(tp)} (1,2 or [1, 2]), got {text!r}") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+    return list(value)
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def parse_value(key: str, text: str) -> Any:
-    """Parse a command-line string for field ``key`` (dashes allowed) by the field's type.
-
-    Raises:
-        ConfigError: unknown key or unparsable value, naming the key.
-    """
-    name = _field_name(key, "command line")
-    return coerce(name, text, _type_hints()[name])
-
-
-# ---------------------------------------------------------------------------- loading
-
-def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """Apply ``--key value`` / ``--key=value`` / ``--flag`` / ``--no-flag`` overrides in order.
-
-    Args:
-        cfg: config to modify (in place).
-        overrides: the command-line tokens, e.g. ``["--base_lr", "0.02", "--no-fused"]``.
-    Returns:
-        ``cfg``, validated.
-    Raises:
-        ConfigError: a token is not ``--key``, a key is unknown, a value is missing or does not parse.
-    """
-    hints = _type_hints()
-    tokens = list(overrides)
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--") or len(tok) == 2:
-            raise ConfigError(f"command line: expected '--key value', got {tok!r}")
-        body = tok[2:]
-        if "=" in body:
-            key, text = body.split("=", 1)
-            name = _field_name(key, "command line")
-            i += 1
-        else:
-            key = body
-            plain = key.replace("-", "_")
-            if plain.startswith("no_") and hints.get(plain[3:]) is bool:  # --no-fused
-                setattr(cfg, plain[3:], False)
-                i += 1
-                continue
-            name = _field_name(key, "command line")
-            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-            if hints[name] is bool and (nxt is None or _looks_like_option(nxt)):
-                setattr(cfg, name, True)
-                i += 1
-                continue
-            if nxt is None:
-                raise ConfigError(f"command line: option '--{key}' needs a value")
-            text = nxt
-            i += 2
-        setattr(cfg, name, coerce(name, text, hints[name]))
-    return cfg.validate()
-
-
-def _looks_like_option(tok: str) -> bool:
-    """True for ``--word`` tokens (negative numbers such as ``-10`` are values)."""
-    return tok.startswith("--") and len(tok) > 2
-
-
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides.
-
-    The YAML file is a flat mapping of field names; nested mappings (semseg's ``TRAIN:``/``TEST:``
-    sections) are flattened one level, so semseg-style files load too.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ConfigError: YAML syntax error, unknown key (named), or bad value (named).
-    """
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = os.fspath(path)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"config file not found: {source}")
-        with open(source, "r", encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{source}: invalid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            if isinstance(value, dict):  # semseg-style sections: DATA:, TRAIN:, TEST:
-                for k, v in value.items():
-                    if k in data:
-                        raise ConfigError(f"{source}: config key '{k}' given twice")
-                    data[k] = v
-            else:
-                if key in data:
-                    raise ConfigError(f"{source}: config key '{key}' given twice")
-                data[key] = value
-    cfg = TrainConfig.from_dict(data, source)
-    return apply_overrides(cfg, overrides)
-
-
-def checkpoint_config(state: dict[str, Any], checkpoint: str | os.PathLike, path: Optional[str | os.PathLike] = None,
-                      overrides: Sequence[str] = ()) -> TrainConfig:
-    """The config to run a checkpoint with: the YAML file ``path`` if given, else the config stored in the
-    checkpoint (keys this version lacks are dropped with a warning), then ``overrides``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ConfigError: no ``path`` and the checkpoint stores no config (semseg's do not), or a bad key/value.
-    """
-    if path is not None:
-        return load_config(path, overrides)
-    saved = state.get("config")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--config is required: {checkpoint} holds no stored config")
-    known = set(_field_names())
-    dropped = sorted(set(saved) - known)
-    if dropped:
-        warnings.warn(f"{checkpoint}: ignoring stored config keys unknown to this version: {dropped}", stacklevel=2)
-    cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}, f"{checkpoint} (stored config)")
-    return apply_overrides(cfg, overrides)
-
-
-@functools.lru_cache(maxsize=1)
-def _field_docs() -> dict[str, str]:
-    """Attribute docstrings of TrainConfig, read from its source."""
-    try:
-        tree = ast.parse(inspect.getsource(TrainConfig))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for prev, node in zip(body, body[1:]):
-        if isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) \
-                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
-                and isinstance(node.value.value, str):
-            docs[prev.target.id] = node.value.value
-    return docs
-
-
-def config_help() -> str:
-    """Human-readable list of every config key with its type, default and docstring (for ``--help``)."""
-    hints, docs, defaults = _type_hints(), _field_docs(), TrainConfig()
-    lines = ["config keys (YAML or --key value):"]
-    for name in _field_names():
-        flag = f"--{name} / --no-{name}" if hints[name] is bool else f"--{name}"
-        lines.append(f"  {flag} ({_type_name(hints[name])}, default {getattr(defaults, name)!r}): "
-                     f"{' '.join(docs.get(name, '').split())}")
-    return "\n".join(lines)
+    """``an int``, ``a list of numbers``, ... for the messages."""
+    if typing.get_origin(tp) is list:
+        return "a list of " + {int: "ints", float: "numbers"}[typing.get_args(tp)[0]]
+    return {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string"}[tp]

@@ -22,18 +22,24 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import ConfigError, checkpoint_config, config_help
-from .engine import base_dataset, build_eval_set, evaluate_dataset, load_for_inference, write_report
+from .config import ConfigError
+from .config_cli import ConfigArgumentParser, config_overrides
+from .config_files import checkpoint_config
+from .eval_loop import evaluate_dataset
+from .loaders import base_dataset, build_eval_set
+from .modeling import load_for_inference
+from .report import write_report
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Parser for the fixed options; config overrides (``--scales``, ``--flip``, ...) are the rest."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pspnet.evaluate", description=__doc__,
-        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+def build_parser() -> ConfigArgumentParser:
+    """Parser for the evaluation options and every config key (``--scales``, ``--flip``, ...)."""
+    parser = ConfigArgumentParser(prog="python -m pspnet.evaluate", description=__doc__,
+                                  usage=("%(prog)s --checkpoint PATH [--config YAML] [--split {train,val,test}] "
+                                         "[--save-dir DIR] [--no-images] [--no-progress] [--key value ...]"),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.pth)")
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="config file (default: the config stored in the checkpoint)")
@@ -48,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, evaluate, return the exit code (0 = success; 2 = bad arguments)."""
     parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
         parser.error(f"--checkpoint: {e}")
     try:
-        cfg = checkpoint_config(state, args.checkpoint, args.config, overrides)
+        cfg = checkpoint_config(state, args.checkpoint, args.config, config_overrides(args))
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     if cfg.threads is not None:

@@ -27,10 +27,12 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, checkpoint_config, config_help
+from .config import ConfigError
+from .config_cli import ConfigArgumentParser, config_overrides
+from .config_files import checkpoint_config
 from .data.datasets import read_rgb
-from .engine import load_for_inference
 from .inference import predict
+from .modeling import load_for_inference
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "collect_images", "class_palette", "main"]
@@ -38,11 +40,12 @@ __all__ = ["build_parser", "collect_images", "class_palette", "main"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Parser for the fixed options; config overrides (``--scales``, ``--flip``, ``--device``, ...) are the rest."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pspnet.predict", description=__doc__, epilog=config_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+def build_parser() -> ConfigArgumentParser:
+    """Parser for the prediction options and every config key (``--scales``, ``--flip``, ``--device``, ...)."""
+    parser = ConfigArgumentParser(prog="python -m pspnet.predict", description=__doc__,
+                                  usage=("%(prog)s IMAGE_OR_FOLDER [IMAGE_OR_FOLDER ...] --checkpoint PATH "
+                                         "[--config YAML] [--out-dir DIR] [--no-progress] [--key value ...]"),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders of images")
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (.pth)")
     parser.add_argument("--config", metavar="YAML", default=None,
@@ -93,11 +96,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, predict every image, return the exit code (0 = success; 2 = bad arguments or an
     unreadable input, naming it)."""
     parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     try:
         images = collect_images(args.inputs)
         state = load_checkpoint(args.checkpoint)
-        cfg = checkpoint_config(state, args.checkpoint, args.config, overrides)
+        cfg = checkpoint_config(state, args.checkpoint, args.config, config_overrides(args))
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         model = load_for_inference(cfg, state)

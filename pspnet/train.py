@@ -18,18 +18,20 @@ import sys
 from typing import Optional, Sequence
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, config_help, load_config
+from .config import ConfigError
+from .config_cli import ConfigArgumentParser, config_overrides
+from .config_files import load_config
 from .distributed import cleanup
 from .trainer import Trainer
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Parser for the fixed options; config overrides are the remaining ``--key value`` tokens."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pspnet.train", description=__doc__,
-        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+def build_parser() -> ConfigArgumentParser:
+    """Parser for ``--config``, ``--no-progress`` and every config key (``--key value``)."""
+    parser = ConfigArgumentParser(prog="python -m pspnet.train", description=__doc__,
+                                  usage="%(prog)s [--config YAML] [--no-progress] [--key value ...]",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="config file (default: the TrainConfig defaults)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
@@ -43,9 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     the offending key.
     """
     parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, config_overrides(args))
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     try:

@@ -1,8 +1,9 @@
 """The training loop of semseg ``tool/train.py``, in one process (CPU or one GPU) or one process per GPU
-under ``torchrun`` (DistributedDataParallel; see :mod:`pspnet.distributed`): SGD + poly LR per iteration,
-main + aux_weight * aux loss, optional bf16/fp16 autocast, periodic atomic checkpoints and the JSONL log
-(rank 0 only), validation with ``pspnet.inference`` sharded over the processes with the metric areas
-summed across them, exact resume (model, optimizer, loss scaler, iteration, every process's RNG, data order)."""
+under ``torchrun`` (DistributedDataParallel; see :mod:`pspnet.distributed`): SGD + poly LR scheduler stepped
+per iteration (:mod:`pspnet.lr_scheduler`), the config's loss (:mod:`pspnet.loss`: main + aux_weight * aux),
+optional bf16/fp16 autocast, periodic atomic checkpoints and the JSONL log (rank 0 only), validation with
+``pspnet.inference`` sharded over the processes with the metric areas summed across them, exact resume
+(model, optimizer, LR scheduler, loss scaler, iteration, every process's RNG, data order)."""
 
 from __future__ import annotations
 
@@ -22,20 +23,21 @@ from tqdm import tqdm
 
 from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune, save_checkpoint)
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, resume_free_keys
 from .distributed import autocast, grad_scaler, setup
-from .engine import (EpochSampler, JsonlLog, base_dataset, build_eval_set, build_model, build_optimizer,
-                     build_train_loader, build_train_set, evaluate_dataset, get_rng_state, memory_format, set_poly_lr,
-                     set_rng_state, set_seed, write_report)
+from .eval_loop import evaluate_dataset
+from .jsonl_log import JsonlLog
+from .loaders import base_dataset, build_eval_set, build_train_loader, build_train_set
+from .loss import build_criterion
+from .lr_scheduler import LRSchedulerFactory, build_lr_scheduler, restore_lr_scheduler
+from .modeling import build_model, memory_format
+from .optim import build_optimizer
+from .report import write_report
+from .rng import get_rng_state, set_rng_state, set_seed
+from .sampler import EpochSampler
 from .models import load_backbone, load_state_dict
 
 __all__ = ["Trainer"]
-
-# config keys whose change on resume is expected (schedule length, bookkeeping, evaluation)
-_RESUME_FREE_KEYS = {"resume", "overwrite", "max_iters", "epochs", "eval_freq", "save_freq", "keep_last",
-                     "log_freq", "workers", "threads", "cache_data", "max_val_samples", "batch_size_val",
-                     "base_size", "test_h", "test_w", "scales", "flip", "window_batch", "save_path", "data_root",
-                     "backbone_weights", "device"}
 
 
 class _Window:
@@ -71,6 +73,9 @@ class Trainer:
     Args:
         cfg: validated config; ``cfg.seed`` None is replaced by a drawn seed (stored in checkpoints).
         progress: show tqdm bars (rank 0 only).
+        lr_scheduler: ``factory(optimizer, max_iter) -> torch.optim.lr_scheduler.LRScheduler``, stepped once
+            after every iteration and saved in checkpoints; default :func:`pspnet.lr_scheduler.build_lr_scheduler`
+            (semseg's poly LR from the config).
 
     Raises:
         ConfigError: a fresh run would write into a ``save_path`` that already holds checkpoints
@@ -81,7 +86,8 @@ class Trainer:
         RuntimeError: the resume checkpoint does not fit the model built from the config.
     """
 
-    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, progress: bool = True,
+                 lr_scheduler: Optional[LRSchedulerFactory] = None) -> None:
         self.cfg = cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -108,11 +114,14 @@ class Trainer:
         self.max_iter = cfg.epochs * self.iters_per_epoch
         if cfg.max_iters is not None:
             self.max_iter = min(self.max_iter, cfg.max_iters)
-        self.model = build_model(cfg).to(ctx.device)
+        self.criterion = build_criterion(cfg)
+        self.model = build_model(cfg, self.criterion).to(ctx.device)
         if ctx.distributed and ctx.device.type == "cuda" and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.memory_format = memory_format(cfg)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.lr_scheduler = (build_lr_scheduler(self.optimizer, cfg, self.max_iter) if lr_scheduler is None
+                             else lr_scheduler(self.optimizer, self.max_iter))
         self.scaler = grad_scaler(ctx.device, cfg.amp)
         self.iteration = 0
         self.best: dict[str, Any] = {}
@@ -184,9 +193,9 @@ class Trainer:
                           f"from iteration {self.iteration}", stacklevel=2)
         self.best = dict(state.get("best") or {})
         self.last_metrics = state.get("metrics")
-        saved_cfg = state.get("config") or {}
+        saved_cfg, free = state.get("config") or {}, resume_free_keys()
         changed = {k: (saved_cfg[k], v) for k, v in self.cfg.to_dict().items()
-                   if k in saved_cfg and saved_cfg[k] != v and k not in _RESUME_FREE_KEYS}
+                   if k in saved_cfg and saved_cfg[k] != v and k not in free}
         if changed:
             warnings.warn(f"resuming {path} with changed config keys (saved, now): {changed}", stacklevel=2)
         per_rank = state.get("rng_per_rank") or []
@@ -197,7 +206,7 @@ class Trainer:
                 warnings.warn(f"{path} holds RNG states of {max(len(per_rank), 1)} processes, this run has "
                               f"{self.ctx.world_size}: every process restarts from rank 0's state", stacklevel=2)
             set_rng_state(state["rng"])
-        set_poly_lr(self.optimizer, self.cfg, self.iteration, self.max_iter)
+        restore_lr_scheduler(self.lr_scheduler, state.get("lr_scheduler"), self.iteration)
         self._say(f"resumed from {path} at iteration {self.iteration}/{self.max_iter}")
 
     # ------------------------------------------------------------------ checkpoints
@@ -219,6 +228,7 @@ class Trainer:
             "rng": rngs[0],
             "rng_per_rank": rngs,
             "world_size": self.ctx.world_size,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "best": dict(self.best),
             "metrics": self.last_metrics,
@@ -279,21 +289,32 @@ class Trainer:
         labels = labels.to(ctx.device, non_blocking=True)
         with autocast(ctx.device, cfg.amp):
             _, main_loss, aux_loss = self.net(images, labels)
-            loss = main_loss + cfg.aux_weight * aux_loss
-        means = ctx.all_reduce_sum(torch.stack([loss, main_loss, aux_loss]).detach().float()) / ctx.world_size
+            loss = self.criterion.combine(main_loss, aux_loss)
+        means = ctx.all_reduce_sum(torch.stack(loss).detach().float()) / ctx.world_size
         values = tuple(means.tolist())
         if not all(map(math.isfinite, values)):
             raise FloatingPointError(f"loss is {values[0]} at iteration {self.iteration + 1} "
                                      f"(lr {lr:.3g}); try a lower --base_lr")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
-            loss.backward()
+            loss.total.backward()
             self.optimizer.step()
         else:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss.total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return values
+
+    def _advance_lr(self) -> float:
+        """Step the LR scheduler once (after every iteration, as semseg sets the poly LR); returns the first
+        (backbone) group's new lr. An fp16 GradScaler skips the optimizer step of an iteration with inf / NaN
+        gradients while the schedule still advances, which PyTorch's order check would report as
+        ``lr_scheduler.step()`` before ``optimizer.step()``: that warning is silenced then."""
+        with warnings.catch_warnings():
+            if self.scaler is not None:
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.lr_scheduler.step()
+        return self.lr_scheduler.get_last_lr()[0]
 
     def _train_epoch(self, epoch: int, skip: int) -> None:
         cfg = self.cfg
@@ -307,7 +328,7 @@ class Trainer:
         for images, labels in self.loader:
             values = self._step(images, labels, lr)
             self.iteration += 1
-            lr = set_poly_lr(self.optimizer, cfg, self.iteration, self.max_iter)
+            lr = self._advance_lr()
             window.add(*values, images=images.shape[0] * self.ctx.world_size)
             epoch_loss, epoch_n = epoch_loss + values[0], epoch_n + 1
             bar.update(1)

@@ -134,7 +134,7 @@ def test_voc_palette():
 def test_trainer_opens_each_dataset(tmp_path):
     """The config's ``dataset`` key selects the layout; build_train_set / build_eval_set check classes."""
     from pspnet.config import ConfigError, TrainConfig
-    from pspnet.engine import build_eval_set, build_train_set
+    from pspnet.loaders import build_eval_set, build_train_set
     root = make_ade(tmp_path)
     cfg = TrainConfig(dataset="ade20k", data_root=str(root), classes=150, train_h=5, train_w=5)
     image, label = build_train_set(cfg)[0]
@@ -146,11 +146,52 @@ def test_trainer_opens_each_dataset(tmp_path):
         TrainConfig(dataset="coco").validate()
 
 
+def test_registry_opens_each_name(tmp_path):
+    """One registry: the built-in names, each class with the options it takes, unknown names named."""
+    from pspnet.data import CamVid, dataset_names, open_dataset
+    assert dataset_names() == ("camvid", "ade20k", "voc2012", "cityscapes", "folder")
+    assert isinstance(open_dataset("ade20k", make_ade(tmp_path), "val", cache=True, num_classes=7), ADE20K)
+    root = tmp_path / "mine"
+    write_image(root / "val" / "images" / "a.png")
+    write_label(root / "val" / "labels" / "a.png", [0, 1])
+    assert open_dataset("folder", root, "val", num_classes=4).num_classes == 4
+    camvid = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+    if (camvid / "classes.json").is_file():
+        ds = open_dataset("camvid", camvid, "val", cache=True)
+        assert isinstance(ds, CamVid) and ds._cache is not None
+    with pytest.raises(ValueError, match="dataset must be one of .*'camvid'.*got 'coco'"):
+        open_dataset("coco", root, "val")
+
+
+def test_registered_dataset_is_seen_by_config_and_loaders(tmp_path, monkeypatch):
+    """A layout added with register_dataset is valid for the config's ``dataset`` key and opened by the
+    trainer's and evaluate's dataset builders."""
+    from pspnet.config import ConfigError, TrainConfig
+    from pspnet.data import registry
+    from pspnet.loaders import build_eval_set
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    root = tmp_path / "mine"
+    write_image(root / "val" / "images" / "a.png")
+    write_label(root / "val" / "labels" / "a.png", [0, 1])
+    registry.register_dataset("mine", ImageFolderSegmentation, options=("num_classes",))
+    cfg = TrainConfig(dataset="mine", data_root=str(root), classes=3).validate()
+    assert isinstance(build_eval_set(cfg, "val"), ImageFolderSegmentation) and build_eval_set(cfg).num_classes == 3
+    with pytest.raises(ValueError, match="'mine' is already registered"):
+        registry.register_dataset("mine", ADE20K)
+    with pytest.raises(ValueError, match="options must be among"):
+        registry.register_dataset("other", ADE20K, options=("verify",))
+    with pytest.raises(TypeError, match="cls must be callable"):
+        registry.register_dataset("other", "ADE20K")
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    with pytest.raises(ConfigError, match="config key 'dataset'"):
+        cfg.validate()
+
+
 @pytest.mark.parametrize("name", ["ade20k", "voc2012", "cityscapes"])
 @pytest.mark.parametrize("layers", [50, 101])
 def test_paper_recipes_load(name, layers):
     """configs/<dataset>_pspnet<layers>.yaml: semseg's recipe (semseg.md section 3), valid for the trainer."""
-    from pspnet.config import load_config
+    from pspnet.config_files import load_config
     cfg = load_config(str(Path(__file__).parents[1] / "configs" / f"{name}_pspnet{layers}.yaml"), [])
     crop, epochs, classes = {"ade20k": (473, 100, 150), "voc2012": (473, 50, 21), "cityscapes": (713, 200, 19)}[name]
     assert (cfg.dataset, cfg.layers, cfg.classes, cfg.train_h, cfg.train_w, cfg.epochs) == (

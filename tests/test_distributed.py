@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from pspnet.checkpoint import load_checkpoint
-from pspnet.config import load_config
-from pspnet.engine import EpochSampler
+from pspnet.config_files import load_config
+from pspnet.sampler import EpochSampler
 from pspnet.metrics import SegmentationMetrics
 from pspnet.models import PSPNet
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pspnet.config import load_config
+from pspnet.config_files import load_config
 from pspnet.data import IMAGENET_MEAN, IMAGENET_STD
 from pspnet.evaluate import main as evaluate_main
 from pspnet.predict import main as predict_main

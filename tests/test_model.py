@@ -197,8 +197,14 @@ def test_pspnet50_state_dict_layout():
     assert len(m.layer0) == 10
     assert m.layer0[2] is m.layer0[5] is m.layer0[8]
     assert isinstance(m.layer0[9], nn.MaxPool2d)
-    assert m.aux_weight == pytest.approx(0.4)
     assert isinstance(m.criterion, nn.CrossEntropyLoss) and m.criterion.ignore_index == 255
+    assert m.criterion.aux_weight == pytest.approx(0.4)
+
+
+def test_pspnet_is_exported_by_the_package():
+    import pspnet
+    assert pspnet.PSPNet is PSPNet and "PSPNet" in pspnet.__all__
+    assert not hasattr(PSPNet, "backbone_modules") and not hasattr(PSPNet, "head_modules")
 
 
 def test_pspnet101_state_dict_layout():
@@ -394,7 +400,7 @@ def test_gradients_reach_every_parameter():
     x = torch.randn(2, 3, 33, 33)
     y = torch.randint(0, 3, (2, 33, 33))
     pred, main_loss, aux_loss = m(x, y)
-    (main_loss + m.aux_weight * aux_loss).backward()
+    m.criterion.combine(main_loss, aux_loss).total.backward()
     for name, p in m.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
@@ -419,7 +425,7 @@ def test_fused_matches_unfused(psp18_pair):
         m.zero_grad()
         torch.manual_seed(123)
         pred, main_loss, aux_loss = m(x, y)
-        (main_loss + m.aux_weight * aux_loss).backward()
+        m.criterion.combine(main_loss, aux_loss).total.backward()
         results.append((pred, main_loss, aux_loss, {n: p.grad.clone() for n, p in m.named_parameters()},
                         {k: v.clone() for k, v in m.state_dict().items()}))
         m.zero_grad()
@@ -467,7 +473,6 @@ def test_batch_of_one_eval():
     (dict(classes=0), ValueError, "classes"),
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(dropout=-0.1), ValueError, "dropout"),
-    (dict(aux_weight=-1.0), ValueError, "aux_weight"),
     (dict(criterion="ce"), TypeError, "criterion"),
 ])
 def test_bad_arguments(kwargs, exc, match):

@@ -1,4 +1,4 @@
-"""pspnet.config, the semseg recipe pieces of pspnet.engine, and a tiny end-to-end
+"""pspnet.config, the semseg recipe pieces (optimizer, LR schedule, sampler, RNG state), and a tiny end-to-end
 ``python -m pspnet.train`` run on real CamVid images: log + checkpoints, exact resume, evaluation."""
 
 import json
@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from pspnet.checkpoint import load_checkpoint, save_checkpoint
-from pspnet.config import ConfigError, TrainConfig, apply_overrides, load_config
-from pspnet.engine import (EpochSampler, build_model, build_optimizer, get_rng_state, param_groups, poly_lr,
-                           set_poly_lr, set_rng_state)
+from pspnet.config import ConfigError
+from pspnet.config_files import load_config
+from pspnet.lr_scheduler import build_lr_scheduler
+from pspnet.modeling import build_model
+from pspnet.optim import build_optimizer, param_groups
+from pspnet.rng import get_rng_state, set_rng_state
+from pspnet.sampler import EpochSampler
 from pspnet.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +44,7 @@ def test_overrides_parse_by_field_type():
     assert cfg.scales == [0.5, 1.0, 1.75] and cfg.bins == [1, 2]
     assert cfg.rotate_min == -20.0 and cfg.rotate_max == -5.0
     assert cfg.seed is None and cfg.max_iters == 3 and cfg.resume == "auto"
-    assert apply_overrides(TrainConfig(), ["--flip", "true", "--fused", "no"]).fused is False
+    assert load_config(None, ["--flip", "true", "--fused", "no"]).fused is False
 
 
 @pytest.mark.parametrize("tokens,key", [
@@ -97,10 +101,14 @@ def test_param_groups_and_poly_schedule_follow_semseg():
     opt = build_optimizer(model, cfg)
     assert [g["lr"] for g in opt.param_groups] == [0.01] * 5 + [0.1] * 3
     assert all(g["weight_decay"] == 1e-4 and g["momentum"] == 0.9 for g in opt.param_groups)
-    lr = set_poly_lr(opt, cfg, curr_iter=25, max_iter=100)
+    sched = build_lr_scheduler(opt, cfg, max_iter=100)
+    for _ in range(25):
+        opt.step()
+        sched.step()
+    lr = sched.get_last_lr()[0]
     assert lr == pytest.approx(0.01 * 0.75 ** 0.9)
     assert opt.param_groups[7]["lr"] == pytest.approx(10 * lr)
-    assert poly_lr(0.01, 100, 100) == 0.0
+    assert sched.lr_at(100) == [0.0] * 8
 
 
 def test_epoch_sampler_is_deterministic_and_skips():
@@ -148,10 +156,13 @@ def test_train_resume_and_evaluate_end_to_end(tmp_path, capsys):
     for key in ("epoch", "loss", "main_loss", "aux_loss", "lr", "images_per_s", "elapsed_s"):
         assert key in train_rows[0]
     assert train_rows[0]["lr"] == pytest.approx(0.01 * (1 - 1 / 2) ** 0.9)
+    for r in train_rows:  # the criterion's total: main + aux_weight * aux
+        assert r["loss"] == pytest.approx(r["main_loss"] + 0.4 * r["aux_loss"], rel=1e-6)
     val = _rows(run, "val")[-1]
     assert len(val["iou"]) == 11 and 0 <= val["miou"] <= 1
     state = load_checkpoint(run / "final.pth")
     assert state["iteration"] == 2 and state["epoch"] == 0 and state["metrics"]["miou"] == val["miou"]
+    assert state["lr_scheduler"]["last_epoch"] == 2 and state["lr_scheduler"]["max_iter"] == 2
     assert json.loads((run / "final_metrics.json").read_text())["miou"] == val["miou"]
 
     # 2) a fresh run into the same folder is refused (nothing overwritten)
@@ -181,6 +192,19 @@ def test_train_resume_and_evaluate_end_to_end(tmp_path, capsys):
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert b["metrics"]["miou"] == pytest.approx(a["metrics"]["miou"])
 
+    # 4b) a checkpoint from before the LR scheduler was saved resumes exactly as one with its state
+    old = load_checkpoint(straight / "epoch_0001.pth")
+    assert old.pop("lr_scheduler")["last_epoch"] == 2
+    for group in old["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+    save_checkpoint(tmp_path / "old.pth", old)
+    from_old = tmp_path / "from_old"
+    assert train_main(_tiny(from_old, *two_epochs, "--resume", str(tmp_path / "old.pth"))) == 0
+    assert [r["lr"] for r in _rows(from_old, "train")] == [r["lr"] for r in _rows(resumed, "train")]
+    c = load_checkpoint(from_old / "final.pth")
+    for k, v in b["state_dict"].items():
+        assert torch.equal(c["state_dict"][k], v), k
+
     # 5) evaluate the trained checkpoint (stored config) from a subprocess, as a user would
     out_dir = tmp_path / "eval"
     proc = subprocess.run([sys.executable, "-m", "pspnet.evaluate", "--checkpoint", str(run / "final.pth"),
@@ -192,3 +216,24 @@ def test_train_resume_and_evaluate_end_to_end(tmp_path, capsys):
     assert json.loads((out_dir / "metrics.json").read_text())["images"] == 1
     assert len(list((out_dir / "pred").glob("*.png"))) == 1
     assert len(list((out_dir / "overlay").glob("*.png"))) == 1
+
+
+@needs_data
+def test_trainer_takes_another_lr_scheduler(tmp_path):
+    """Trainer(lr_scheduler=factory): the factory's scheduler is stepped every iteration, saved and restored."""
+    from pspnet.trainer import Trainer
+    run = tmp_path / "run"
+    tokens = _tiny(run)[2:-1]  # the config keys of _tiny (without --config and --no-progress)
+
+    def constant(optimizer, max_iter):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+
+    Trainer(load_config(CONFIG, [*tokens, "--max_iters", "2"]), progress=False, lr_scheduler=constant).run()
+    state = load_checkpoint(run / "final.pth")
+    assert state["lr_scheduler"]["last_epoch"] == 2 and "max_iter" not in state["lr_scheduler"]
+    trainer = Trainer(load_config(CONFIG, [*tokens, "--max_iters", "3", "--resume", "auto"]), progress=False,
+                      lr_scheduler=constant)
+    assert trainer.lr_scheduler.last_epoch == 2
+    trainer.run()
+    assert [r["lr"] for r in _rows(run, "train")] == [0.01, 0.01, 0.01]
+    assert load_checkpoint(run / "final.pth")["lr_scheduler"]["last_epoch"] == 3

@@ -1,6 +1,6 @@
 """CamVid (SegNet 11-class version) as a ``torch.utils.data.Dataset``.
 
-Layout (see ``shared/data/camvid/README.md``)::
+Layout::
 
     root/classes.json            [{"id", "name", "color": [r, g, b]}, ...], ids 0..K-1
     root/manifest.sha256         "<sha256>  <relative path>" lines (``sha256sum -c`` format)
@@ -86,7 +86,7 @@ class CamVid(torch.utils.data.Dataset):
 
     Args:
         root: the camvid folder (holding ``classes.json``, ``manifest.sha256``
-            and one folder per split), e.g. ``../shared/data/camvid``.
+            and one folder per split), the config's ``data_root``.
         split: ``"train"``, ``"val"`` or ``"test"`` (the last only if
             ``root/test`` exists).
         transform: optional callable ``(image float32 H x W x 3, label uint8

@@ -4,7 +4,7 @@ Each class is ``Name(root, split, transform=None)`` with ``root`` the dataset's 
 ``(image, label)``: ``image`` a ``np.uint8`` RGB array H x W x 3 and ``label`` a ``np.uint8`` array H x W
 of class indices with 255 = ignore (``transform(np.float32(image), label)`` when a transform is given,
 as :class:`pspnet.data.CamVid` and semseg ``util/dataset.py``). Label conventions follow semseg's
-prepared lists (``semseg.md``):
+prepared lists:
 
 - :class:`ADE20K` (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
   ``annotations/{training,validation}/*.png`` with 0 = "other" and 1..150 the classes; the label is
@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 import torch.utils.data
 
-__all__ = ["ADE20K", "VOC2012", "Cityscapes", "ImageFolderSegmentation", "SegmentationFolder", "DATASETS",
-           "open_dataset", "read_rgb", "read_pair"]
+__all__ = ["ADE20K", "VOC2012", "Cityscapes", "ImageFolderSegmentation", "SegmentationFolder", "read_rgb",
+           "read_pair", "voc_palette"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -305,24 +305,3 @@ class ImageFolderSegmentation(SegmentationFolder):
         for suffix in IMAGE_SUFFIXES:
             pairs += _pair_by_stem(images, labels, f"*{suffix}", lambda stem: stem + ".png")
         return sorted(pairs)
-
-
-DATASETS = ("camvid", "ade20k", "voc2012", "cityscapes", "folder")
-
-
-def open_dataset(name: str, root, split: str, transform: Optional[Callable] = None, *, cache: bool = False,
-                 num_classes: Optional[int] = None):
-    """The dataset ``name`` (one of :data:`DATASETS`) at ``root``: the config's ``dataset`` key.
-
-    ``cache`` applies to CamVid (decoded arrays kept in memory); ``num_classes`` to ``folder`` (default:
-    its ``classes.txt``). Raises ValueError for an unknown name, and what the dataset class raises.
-    """
-    if name == "camvid":
-        from .camvid import CamVid
-        return CamVid(root, split, transform=transform, cache=cache)
-    if name == "folder":
-        return ImageFolderSegmentation(root, split, transform, num_classes=num_classes)
-    classes = {"ade20k": ADE20K, "voc2012": VOC2012, "cityscapes": Cityscapes}
-    if name not in classes:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-    return classes[name](root, split, transform)

@@ -2,8 +2,7 @@
 
 Semantics follow hszhao/semseg ``util/transform.py`` (the PSPNet reference
 implementation; paper Sec. 4 "random resize, random rotation, Gaussian blur,
-random mirror"), written from the documented behaviour in
-``shared/reference/semseg.md`` Sec. 3:
+random mirror"):
 
 * every transform is a callable ``t(image, label) -> (image, label)``;
 * before :class:`ToTensor`, ``image`` is a NumPy array ``H x W x 3`` (RGB,

@@ -31,6 +31,7 @@ from psp_kernels import PSPHead
 from psp_kernels.geometry import DEFAULT_BINS, check_bins
 from psp_kernels.nn import fused_conv_bn_sequence, psp_head
 
+from ..loss import PSPLoss
 from .resnet import RESNET_BLOCKS, ResNet, dilate_layer
 
 __all__ = ["PSPNet", "load_state_dict", "LoadResult", "output_size"]
@@ -72,8 +73,6 @@ class PSPNet(nn.Module):
         dropout: ``Dropout2d`` probability in both heads, in [0, 1).
         zoom_factor: 1, 2, 4 or 8; output resolution relative to the stride-8 features (see
             :func:`output_size`).
-        aux_weight: weight of the aux loss, stored for the trainer (``loss = main + aux_weight * aux``;
-            semseg: 0.4). Not used inside the model. Must be >= 0.
         fused: the default of the three switches below: ``True`` all fused, ``False`` semseg's module math for
             all of them. Same parameters and results either way.
         fused_ppm: the pyramid pooling module runs the fused kernels (:class:`psp_kernels.PyramidPooling`).
@@ -81,8 +80,10 @@ class PSPNet(nn.Module):
         fused_backbone: the backbone's conv + BN (+ residual) + ReLU as one op each
             (:func:`psp_kernels.nn.conv.fused_conv_bn`: BN folded into the conv in eval mode, the fused
             training op on GPU).
-        criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``; default
-            ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels).
+        criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``, applied to the main and
+            the aux logits in train mode; default :class:`pspnet.loss.PSPLoss` ``()``: semseg's
+            ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels), whose ``combine`` weighs
+            the aux loss by 0.4. A run builds it from its config (:func:`pspnet.loss.build_criterion`).
         deep_stem: semseg's 3x3 deep stem (default); ``False``: torchvision's 7x7 stem (``layer0`` =
             Sequential(conv1, bn1, relu, maxpool)), for torchvision ImageNet weights.
 
@@ -103,7 +104,7 @@ class PSPNet(nn.Module):
     """
 
     def __init__(self, layers: int = 50, classes: int = 2, bins: Sequence[int] = DEFAULT_BINS,
-                 dropout: float = 0.1, zoom_factor: int = 8, aux_weight: float = 0.4, fused: bool = True,
+                 dropout: float = 0.1, zoom_factor: int = 8, fused: bool = True,
                  criterion: Optional[Callable[..., torch.Tensor]] = None, deep_stem: bool = True, *,
                  fused_ppm: Optional[bool] = None, concat_free_head: Optional[bool] = None,
                  fused_backbone: Optional[bool] = None):
@@ -126,11 +127,8 @@ class PSPNet(nn.Module):
                              f"got {len(bins)} bins {bins} for layers={layers}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if (isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float))
-                or not 0.0 <= float(aux_weight) < float("inf")):
-            raise ValueError(f"aux_weight must be a finite float >= 0, got {aux_weight!r}")
         if criterion is None:
-            criterion = nn.CrossEntropyLoss(ignore_index=255)
+            criterion = PSPLoss()
         elif not callable(criterion):
             raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
 
@@ -139,12 +137,11 @@ class PSPNet(nn.Module):
         self.bins = bins
         self.dropout = float(dropout)
         self.zoom_factor = zoom_factor
-        self.aux_weight = float(aux_weight)
         self.fused_ppm = bool(fused) if fused_ppm is None else bool(fused_ppm)
         self.concat_free_head = bool(fused) if concat_free_head is None else bool(concat_free_head)
         self.fused_backbone = bool(fused) if fused_backbone is None else bool(fused_backbone)
         self.fea_dim = fea_dim
-        self.criterion = criterion  # registered first, as in semseg; CrossEntropyLoss has no state
+        self.criterion = criterion  # registered first, as in semseg; PSPLoss has no state
 
         # --- backbone (semseg: ResNet deep_base, stem re-wrapped as layer0, then dilation surgery)
         self.deep_stem = bool(deep_stem)
@@ -206,8 +203,9 @@ class PSPNet(nn.Module):
         Returns:
             train mode with ``y``: ``(pred, main_loss, aux_loss)``: pred int64 [N, h, w] (argmax of the
             main logits), the two scalar losses of the logits upsampled to (h, w) (bilinear,
-            align_corners=True) against ``y``, i.e. at full resolution. The caller forms
-            ``main_loss + self.aux_weight * aux_loss``.
+            align_corners=True) against ``y``, i.e. at full resolution. With a :class:`~pspnet.loss.PSPLoss`
+            criterion the total to back-propagate is ``self.criterion.combine(main_loss, aux_loss).total``
+            (``main_loss + aux_weight * aux_loss``).
             otherwise: logits [N, classes, h, w] in x's dtype (the aux head is not run).
 
         Raises:
@@ -237,7 +235,7 @@ class PSPNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, classes={self.classes}, bins={self.bins}, zoom_factor={self.zoom_factor}, "
-                f"aux_weight={self.aux_weight}, fused_ppm={self.fused_ppm}, concat_free_head={self.concat_free_head}, "
+                f"fused_ppm={self.fused_ppm}, concat_free_head={self.concat_free_head}, "
                 f"fused_backbone={self.fused_backbone}")
 
 
