@@ -10,12 +10,13 @@ layer3 (1x1 1024->256, 3x3 256->256 dilation 2, 1x1 256->1024 + shortcut) and la
 
 - ``eager``: ``relu(bn(conv(x)) [+ residual])`` as separate ops (cuDNN / oneDNN conv, then BN, add, ReLU);
 - ``compile``: ``torch.compile`` of that (mode max-autotune on CUDA; default mode on CPU);
-- ``fused``: ``psp_kernels.conv.conv_bn_act`` (BN folded into the conv, one op with the bias, residual and
-  ReLU epilogue): on CUDA ``auto`` (the faster of the two kernels per shape class) and each kernel alone,
-  ``fused_triton`` and ``fused_cuda`` (CUTLASS); oneDNN's conv with the epilogue in place on CPU.
+- ``fused``: ``psp_kernels.nn.conv.fused_conv_bn`` (BN folded into the conv, one op with the bias, residual and
+  ReLU epilogue): the kernel table's default (``psp_kernels.dispatch``: on CUDA eager cuDNN in x's dtype),
+  and on CUDA each fused kernel alone, ``fused_triton`` and ``fused_cuda`` (CUTLASS); on CPU oneDNN's conv
+  with the epilogue in place (the C++ kernel).
 
 in eval mode ("eval"), and in training mode ("train fwd": BatchNorm with batch statistics and the running
-statistics update; eager modules vs ``psp_kernels.ops.conv_bn_act_train``, whose statistics come from the
+statistics update; eager modules vs ``psp_kernels.ops.training_conv``, whose statistics come from the
 conv's epilogue on CUDA; on CPU it runs the reference path).
 
 Per row: median (p20-p80) over rounds, TFLOP/s of the conv (2 N Ho Wo O C k^2), % of the matmul peak measured
@@ -44,8 +45,8 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 from timing import environment, interleaved, round_median_ms, write_results  # noqa: E402
 
 import psp_kernels  # noqa: E402
-from psp_kernels.conv import conv_bn_act  # noqa: E402
-from psp_kernels.ops import conv_bn_act_train  # noqa: E402
+from psp_kernels.nn.conv import fused_conv_bn  # noqa: E402
+from psp_kernels.ops import training_conv  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: (name, C, O, kernel, dilation, residual): PSPNet-50's layer3 / layer4 block convs (stride 1, output stride 8).
@@ -91,10 +92,10 @@ def bench_layer(spec, n: int, size: int, dtype_name: str, device, args, peak: fl
         if has_res else None
     with torch.no_grad():
         ref = ref_module(x.double(), None if res is None else res.double())
-    fns = {"eager": lambda: module(x, res), "fused": lambda: conv_bn_act(x, module.conv, module.bn, residual=res)}
-    if device.type == "cuda":  # each CUDA kernel on its own (fused = auto: the faster per shape class)
+    fns = {"eager": lambda: module(x, res), "fused": lambda: fused_conv_bn(x, module.conv, module.bn, residual=res)}
+    if device.type == "cuda":  # each fused CUDA kernel on its own (fused = the table's default)
         for backend in ("triton", "cuda"):
-            fns[f"fused_{backend}"] = lambda b=backend: _with_backend(b, lambda: conv_bn_act(
+            fns[f"fused_{backend}"] = lambda b=backend: _with_backend(b, lambda: fused_conv_bn(
                 x, module.conv, module.bn, residual=res))
     if not args.no_compile:
         compiled = torch.compile(module, mode="max-autotune" if device.type == "cuda" else None)
@@ -105,7 +106,7 @@ def bench_layer(spec, n: int, size: int, dtype_name: str, device, args, peak: fl
 
 
 def _with_backend(name: str, fn):
-    with psp_kernels.use_backend(name):
+    with psp_kernels.use_backend(name, "cuda"):
         return fn()
 
 
@@ -119,8 +120,8 @@ def bench_layer_train(spec, module, x, res, n, size, dtype_name, device, args, p
                                   None, None, bn.weight.double(), bn.bias.double(), training=True)
                      + (0 if res is None else res.double()))
     fns = {"eager": lambda: module(x, res),
-           "fused": lambda: conv_bn_act_train(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                              res, 1, conv.padding[0], conv.dilation[0], True)}
+           "fused": lambda: training_conv(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                          res, 1, conv.padding[0], conv.dilation[0], True)}
     rows = _layer_rows(spec, "train fwd", fns, ref, n, size, dtype_name, device, args, peak)
     module.eval()
     return rows

@@ -45,13 +45,13 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # timing.py, and this checkout's
 from timing import copy_bandwidth_gbps, device_slug, environment, interleaved  # noqa: E402
 
 import psp_kernels  # noqa: E402
-from psp_kernels.backends import resolve  # noqa: E402
+from psp_kernels.dispatch import backend_devices  # noqa: E402
 from psp_kernels.reference import SemsegPPM  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BINS = (1, 2, 3, 6)
 CASES = (("fwd", False), ("fwd+bwd", True))  # (case, train)
-BYTES_PER_P = {"fwd": 3, "fwd+bwd": 6}  # performance.md section 1, fused design (b): the minimum
+BYTES_PER_P = {"fwd": 3, "fwd+bwd": 6}  # docs/ppm_byte_model.md (whole-PPM op): the minimum
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,11 @@ def new_module(cls: type, state: dict, cfg: Config, device: torch.device, dtype:
 
 
 def unavailable_reason(impl: Impl, device: torch.device) -> str | None:
-    """Why ``impl`` cannot run on ``device`` (its backend does not resolve), or None."""
+    """Why ``impl`` cannot run on ``device`` (its backend has no kernel there), or None."""
     if impl.backend is None:
         return None
     try:
-        resolve(device, impl.backend)
+        backend_devices(impl.backend, device.type)
     except (ValueError, RuntimeError, ImportError) as err:
         return f"{type(err).__name__}: {err}"
     return None
@@ -168,7 +168,8 @@ def runner(p: Prepared, train: bool, device: torch.device) -> Callable[[], list[
     The fused impl's backend is selected inside the closure; gradients are reset to None on every call.
     """
     p.base.train(train)
-    backend = (lambda: psp_kernels.use_backend(p.impl.backend)) if p.impl.backend else contextlib.nullcontext
+    backend = (lambda: psp_kernels.use_backend(p.impl.backend, device.type)) if p.impl.backend \
+        else contextlib.nullcontext
     graphed_compile = p.impl.kind == "compile" and device.type == "cuda"  # max-autotune: cudagraph trees
     params = list(p.base.parameters())
     if not train:

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 import psp_kernels  # noqa: E402
-from psp_kernels.backends import resolve  # noqa: E402
+from psp_kernels.dispatch import backend_devices  # noqa: E402
 
 BINS = (1, 2, 3, 6)
 S = sum(b * b for b in BINS)
@@ -42,7 +42,7 @@ class Case:
         device, self.backend = target
         self.device = torch.device(device)
         try:
-            resolve(self.device, self.backend)
+            backend_devices(self.backend, self.device.type)
         except (ValueError, RuntimeError, ImportError) as err:
             pytest.skip(f"backend {self.backend!r} unavailable: {err}")
         self.n, self.c, self.size, self.dtype = SHAPES[device]
@@ -56,7 +56,7 @@ class Case:
     def x(self) -> torch.Tensor:
         return self.randn(self.n, self.c, self.size, self.size, layout=True)
 
-    def projection_args(self) -> tuple[list[torch.Tensor], ...]:
+    def reduction_args(self) -> tuple[list[torch.Tensor], ...]:
         """Per bin: conv weight [R, C, 1, 1], BN weight, bias, running mean, running var."""
         nb, r = len(BINS), self.r
         kw = {"device": self.device, "dtype": self.dtype}
@@ -67,7 +67,7 @@ class Case:
     def run(self, benchmark, op: str, fn: Callable[[], object], **extra) -> None:
         """Time ``fn`` under this case's backend with ``benchmark.pedantic``; shape etc. into extra_info."""
         def call():
-            with psp_kernels.use_backend(self.backend):
+            with psp_kernels.use_backend(self.backend, self.device.type):
                 fn()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
@@ -97,13 +97,13 @@ def test_multibin_avg_pool_fwd(benchmark, target, channels_last):
 
 @pytest.mark.parametrize("training", [pytest.param(False, id="eval"), pytest.param(True, id="train")])
 @pytest.mark.parametrize("target", TARGETS)
-def test_project_bn_relu_fwd(benchmark, target, training):
+def test_reduction_conv_bn_relu_fwd(benchmark, target, training):
     case = Case(target)
     pooled = case.randn(case.n, case.c, S)
-    args = case.projection_args()
+    args = case.reduction_args()
     with torch.no_grad():
-        case.run(benchmark, "project_bn_relu fwd",
-                 lambda: psp_kernels.project_bn_relu(pooled, *args, BINS, training=training),
+        case.run(benchmark, "reduction_conv_bn_relu fwd",
+                 lambda: psp_kernels.reduction_conv_bn_relu(pooled, *args, BINS, training=training),
                  mode="train" if training else "eval")
 
 

@@ -16,6 +16,8 @@
 - :mod:`psp_kernels.reference`: the pure-PyTorch oracle (semseg's math).
 """
 
+import os
+
 from . import ops as _ops  # noqa: F401  (defines the psp:: ops before the compiled kernels register)
 from . import reference
 from ._extension import load_extension
@@ -27,6 +29,8 @@ from .ops import (add_branch_bn_relu, folded_conv, multibin_avg_pool, pyramid_po
                   training_conv, upsample_concat)
 
 load_extension()
+if os.environ.get("PSP_KERNELS_BACKEND"):      # e.g. PSP_KERNELS_BACKEND=reference: every device where it runs
+    set_backend(os.environ["PSP_KERNELS_BACKEND"])
 
 __all__ = [
     "DEFAULT_BINS", "HeadConv", "PSPHead", "PyramidPooling", "add_branch_bn_relu", "autotune_enabled", "fold_bn",

@@ -255,12 +255,17 @@ def _time_ms(fn: Callable[[], object], reps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _time_candidate(candidate: str, run: Callable[[], object]) -> float:
+    """Milliseconds of one candidate's call (the measurement :func:`set_autotune` makes)."""
+    return _time_ms(run)
+
+
 def _measure(name: str, device: str, ready: list[str], args: tuple, shape_class: str) -> Optional[str]:
     times = {}
     for candidate in ready:
         kernel = _kernel(candidate, name, device)
         try:
-            times[candidate] = _time_ms(lambda: kernel(*args))
+            times[candidate] = _time_candidate(candidate, lambda: kernel(*args))
         except NotImplementedError:
             continue
     if not times:
@@ -300,7 +305,14 @@ def autotune_enabled() -> bool:
 # Overrides
 # --------------------------------------------------------------------------------------------------
 
-def _override_devices(name: str, device: Optional[str]) -> list[str]:
+def backend_devices(name: str, device: Optional[str] = None) -> list[str]:
+    """The devices (``device`` alone, or every device where ``name`` is a candidate) on which candidate
+    ``name`` can run in this process.
+
+    Raises:
+        ValueError: unknown backend or device name, or a backend without kernels on that device.
+        RuntimeError: the backend cannot run there here (the library not built, no Triton interpreter).
+    """
     if name not in CANDIDATES:
         raise ValueError(f"backend must be one of {CANDIDATES}, got {name!r}")
     if device is not None:
@@ -310,6 +322,10 @@ def _override_devices(name: str, device: Optional[str]) -> list[str]:
         devices = [device]
     else:
         devices = [d for d in DEVICES if any(name in _candidates(op, d) for op in KERNEL_TABLE)]
+    for d in devices:
+        if not any(name in _candidates(op, d) for op in KERNEL_TABLE):
+            raise ValueError(f"backend {name!r} has no kernel on {d}: its candidates there are "
+                             f"{sorted({c for op in KERNEL_TABLE for c in _candidates(op, d)})}")
     usable = [d for d in devices if any(_kernel(name, op, d) is not None for op in KERNEL_TABLE)]
     if not usable:
         raise RuntimeError(f"backend {name!r} cannot run on {'/'.join(devices)} here: " + _why_unavailable(name))
@@ -319,10 +335,8 @@ def _override_devices(name: str, device: Optional[str]) -> list[str]:
 def _why_unavailable(name: str) -> str:
     if name in ("cpp", "cuda"):
         return ("the C++ extension is not built" + (" with CUDA" if name == "cuda" else "") +
-                " (`pip install --no-build-isolation -e .`; see psp_kernels._extension)")
-    if name == "triton":
-        return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before psp_kernels is imported"
-    return "no op has it on that device"
+                " (`pip install --no-build-isolation -e .`)")
+    return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before psp_kernels is imported"
 
 
 def _overrides(device: str) -> list[str]:
@@ -344,7 +358,7 @@ def set_backend(name: Optional[str], device: Optional[str] = None) -> None:
         for device_ in ([torch.device(device).type] if device else DEVICES):
             _process_backend[device_] = None
         return
-    for device_ in _override_devices(name, device):
+    for device_ in backend_devices(name, device):
         _process_backend[device_] = name
 
 
@@ -352,7 +366,7 @@ def set_backend(name: Optional[str], device: Optional[str] = None) -> None:
 def use_backend(name: str, device: Optional[str] = None) -> Iterator[None]:
     """:func:`set_backend` for the body of a ``with`` block only (tests, debugging); nests, the innermost
     override an op has wins."""
-    devices = _override_devices(name, device)
+    devices = backend_devices(name, device)
     for device_ in devices:
         _scoped_backends[device_].append(name)
     try:
@@ -378,8 +392,7 @@ def table() -> list[dict]:
     for name in KERNEL_TABLE:
         for device in DEVICES:
             ready = available(name, device)
-            override = get_backend(device)
-            runs = override if override in ready else (ready[0] if ready else None)
+            runs = next((o for o in _overrides(device) if o in ready), ready[0] if ready else None)
             rows.append({"op": name, "device": device, "candidates": list(_candidates(name, device)),
                          "available": ready, "default": runs,
                          "choices": dict(_choices.get((name, device), {}))})

@@ -10,7 +10,7 @@ IGNORE = 255
 
 
 def brute_force_areas(pred, target, k, ignore=IGNORE):
-    """Per-pixel loop: the definition in semseg.md Sec. 5, written out."""
+    """Per-pixel loop: the definition of docs/semseg_parity.md (metrics), written out."""
     inter, out, tgt = [0] * k, [0] * k, [0] * k
     for p, t in zip(np.asarray(pred).ravel().tolist(), np.asarray(target).ravel().tolist()):
         if t == ignore:
@@ -51,7 +51,7 @@ def test_matches_brute_force_numpy_and_torch(shape):
 
 
 def test_matches_semseg_histogram_formula():
-    """The np.histogram formulation of semseg.md Sec. 5 gives the same areas for valid inputs."""
+    """The np.histogram formulation of semseg's intersectionAndUnion gives the same areas for valid inputs."""
     rng = np.random.default_rng(1)
     k = 11
     pred, target = random_case(rng, (40, 50), k)

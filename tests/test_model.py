@@ -1,7 +1,7 @@
 """Tests for pspnet.models: semseg's PSPNet layout, an independent functional oracle, loss, errors.
 
 The oracle (:func:`semseg_logits`) and the state_dict spec (:func:`semseg_spec`) are written here from
-hszhao/semseg ``model/pspnet.py`` / ``model/resnet.py`` (see /work/shared/reference/semseg.md, sections 1-2)
+hszhao/semseg ``model/pspnet.py`` / ``model/resnet.py`` (see docs/semseg_parity.md, model and state_dict)
 with ``torch.nn.functional`` calls only; they do not use any code from ``pspnet.models``.
 """
 
@@ -27,7 +27,7 @@ STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottle
 
 
 def semseg_spec(layers: int, classes: int, bins=BINS) -> dict[str, tuple[int, ...]]:
-    """Ordered ``key -> shape`` of semseg's PSPNet state_dict (semseg.md section 2), built by hand."""
+    """Ordered ``key -> shape`` of semseg's PSPNet state_dict (docs/semseg_parity.md), built by hand."""
     spec: dict[str, tuple[int, ...]] = {}
 
     def conv(name, cout, cin, k):
@@ -190,7 +190,7 @@ def test_pspnet50_state_dict_layout():
     assert tuple(sd["aux.0.weight"].shape) == (256, 1024, 3, 3)
     assert tuple(sd["aux.4.bias"].shape) == (150,)
     assert not any(k.startswith(("fc", "avgpool")) or ".fc." in k for k in sd)
-    # semseg.md: 49.18 M parameters with C = 150, aux 2.40 M
+    # semseg PSPNet-50: 49.18 M parameters with C = 150, aux 2.40 M
     assert round(sum(p.numel() for p in m.parameters()) / 1e6, 2) == 49.18
     assert round(sum(p.numel() for p in m.aux.parameters()) / 1e6, 2) == 2.40
     # layer0 is semseg's Sequential with one shared ReLU at 2, 5, 8

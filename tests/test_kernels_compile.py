@@ -1,0 +1,380 @@
+"""Compile-only checks of the GPU kernels, run without a GPU: what a CUDA build and a GPU launch would see.
+
+- CUDA C++: every ``csrc/cuda/*.cu`` compiles with nvcc for sm_90 against torch's and CUTLASS's headers with
+  the flags ``setup.py`` builds with (a CUDA error fails CI); its PTX has no atomic instruction (the kernels
+  are atomic-free by design); every kernel a ``.cu`` registers (``TORCH_LIBRARY_IMPL(psp_native, CUDA, m)``)
+  is an op of the kernel table with a ``cuda`` candidate, and is defined by that object file. Skipped only
+  when nvcc is not found.
+- Triton: every kernel in ``psp_kernels.triton.KERNELS`` compiles for sm_80 and sm_90 with
+  ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every config its launcher can
+  pick, within the shared-memory limit; every launch at full size (N=16, C=2048, 90x90 and others, on
+  meta tensors with the kernels stubbed) is within CUDA's grid limits and uses a config that is compiled.
+  In interpreter mode ``@triton.jit`` yields interpreter objects that cannot be compiled, so the compiles
+  run in two background subprocesses without ``TRITON_INTERPRET``, started by the module's first test.
+- C++ CPU: every kernel a ``csrc/cpu/*.cpp`` registers is an op of the kernel table with a ``cpp``
+  candidate, and is registered in this process (the dispatcher checked its signature against the schema
+  when the library loaded).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from psp_kernels import triton as tri
+from psp_kernels.dispatch import KERNEL_TABLE
+from psp_kernels.triton import conv as tconv
+from psp_kernels.triton import head as thead
+from psp_kernels.triton import pooling as tpool
+from psp_kernels.triton import reduction as treduction
+from psp_kernels.triton import upsample as tup
+from psp_kernels.triton.common import SIG_DTYPE
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+CUDA_SOURCES = sorted(p.name for p in (CSRC / "cuda").glob("*.cu"))
+CPU_SOURCES = sorted(p.name for p in (CSRC / "cpu").glob("*.cpp"))
+IMPL = re.compile(r'm\.impl\("(\w+)",\s*&psp::(cpu|cuda)::(\w+)\)')
+
+
+def registered(path: Path) -> list[tuple[str, str]]:
+    """(op, C++ function) pairs a source file registers with TORCH_LIBRARY_IMPL."""
+    return [(op, fn) for op, _, fn in IMPL.findall(path.read_text())]
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: background compile job (started first so it overlaps the other tests of this module)
+# --------------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import json, os, sys, traceback
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from psp_kernels.triton import KERNELS
+shard, nshards = int(sys.argv[1]), int(sys.argv[2])
+items = [(e, c, cc) for e in KERNELS for c in e.configs for cc in (80, 90)]
+out = []
+for i, (e, cfg, cc) in enumerate(items):
+    if i % nshards != shard:
+        continue
+    rec = {"kernel": e.name, "config": cfg.name, "cc": cc}
+    try:
+        k = triton.compile(ASTSource(fn=e.fn, signature=cfg.signature, constexprs=cfg.constexprs),
+                           target=GPUTarget("cuda", cc, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.options))
+        rec["shared"] = int(k.metadata.shared)
+    except Exception:
+        rec["error"] = traceback.format_exc()[-3000:]
+    out.append(rec)
+sys.stdout.write("\n@@RESULTS@@" + json.dumps(out))
+"""
+
+
+class _CompileJob:
+    """Background compile of the whole registry in ``nshards`` subprocesses (no interpreter)."""
+
+    def __init__(self, nshards=2):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        self.procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(i), str(nshards)],
+                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True) for i in range(nshards)]
+        self._results = None
+
+    def results(self):
+        if self._results is None:
+            res = []
+            for p in self.procs:
+                out, err = p.communicate(timeout=900)
+                assert p.returncode == 0 and "@@RESULTS@@" in out, f"compile worker failed:\n{err[-4000:]}"
+                res += json.loads(out.split("@@RESULTS@@", 1)[1])
+            self._results = res
+        return self._results
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.fixture(scope="module")
+def compile_job():
+    job = _CompileJob()
+    yield job
+    job.kill()
+
+
+def test_start_compile_job(compile_job):
+    """Starts the background compiles (asserted in test_triton_compiles at the end of the module)."""
+    assert all(p.pid for p in compile_job.procs)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA C++: nvcc
+# --------------------------------------------------------------------------------------------------
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else under $CUDA_HOME, $CUDA_PATH or /usr/local/cuda."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def setup_nvcc_flags() -> list[str]:
+    """``NVCC_FLAGS`` of setup.py (read from its source: importing setup.py would run setup())."""
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py defines no NVCC_FLAGS")
+
+
+def cutlass_include() -> str:
+    """CUTLASS's include folder from the pinned nvidia-cutlass package (installed by scripts/run.sh)."""
+    import cutlass_library
+    return str(Path(cutlass_library.__file__).parent / "source" / "include")
+
+
+def torch_flags() -> list[str]:
+    """Defines and include paths torch.utils.cpp_extension compiles an extension with."""
+    paths = cpp_extension.include_paths()
+    flags = ["-std=c++20", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *(f"-I{p}" for p in paths)]
+    # torch's CPU wheels ship the c10/cuda headers without the CMake-generated
+    # c10/cuda/impl/cuda_cmake_macros.h (it only defines C10_CUDA_BUILD_SHARED_LIBS, used on Windows);
+    # c10/cuda/CUDAMacros.h skips it under this define.
+    if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for p in paths):
+        flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    return flags
+
+
+def compile_commands(nvcc: str, out: Path) -> dict[str, list[str]]:
+    """One command per csrc/cuda/*.cu: nvcc -c for sm_90, PTX kept."""
+    nvcc_flags = [f for f in setup_nvcc_flags() if not f.startswith("-gencode")]
+    cmds = {}
+    for src in CUDA_SOURCES:
+        keep = out / Path(src).stem
+        keep.mkdir()
+        cmds[src] = [nvcc, "-c", str(CSRC / "cuda" / src), "-o", str(out / f"{src}.o"),
+                     "-gencode=arch=compute_90,code=sm_90", "-keep", f"-keep-dir={keep}",
+                     *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", *nvcc_flags, *torch_flags(),
+                     f"-I{cutlass_include()}"]
+    return cmds
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Runs every nvcc compile once, in parallel; returns (output dir, {source: CompletedProcess})."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (not on PATH, nor under $CUDA_HOME, $CUDA_PATH or /usr/local/cuda)")
+    out = tmp_path_factory.mktemp("cuda_build")
+    cmds = compile_commands(nvcc, out)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        runs = dict(zip(cmds, pool.map(
+            lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=900), cmds.values())))
+    return out, runs
+
+
+def assert_built(compiled, src):
+    run = compiled[1][src]
+    assert run.returncode == 0, f"{src} failed to compile:\n{' '.join(run.args)}\n{run.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("src", CUDA_SOURCES)
+def test_cuda_compiles(compiled, src):
+    assert_built(compiled, src)
+
+
+@pytest.mark.parametrize("src", CUDA_SOURCES)
+def test_cuda_ptx_has_no_atomics(compiled, src):
+    assert_built(compiled, src)
+    ptx = list((compiled[0] / Path(src).stem).glob("*.ptx"))
+    assert ptx, f"nvcc -keep left no PTX for {src}"
+    atomics = [m.group(0) for p in ptx for m in re.finditer(r"^\s*(?:atom|red)\.\S+", p.read_text(), re.M)]
+    assert not atomics, f"{src}: atomic instructions {atomics[:5]}"
+
+
+@pytest.mark.parametrize("src", CUDA_SOURCES)
+def test_cuda_registrations_are_table_ops_defined_by_the_object(compiled, src):
+    """Every kernel the .cu registers is an op whose CUDA candidates include ``cuda``, and the object file
+    defines the registered function (the dispatcher checks its signature against the schema when a CUDA
+    build loads; here, without a GPU, the compile and the names are checked)."""
+    assert_built(compiled, src)
+    pairs = registered(CSRC / "cuda" / src)
+    assert pairs, f"{src} registers no kernel"
+    for op, _ in pairs:
+        assert op in KERNEL_TABLE and "cuda" in KERNEL_TABLE[op][1], (src, op)
+    if shutil.which("nm") is None:
+        return
+    nm = subprocess.run(["nm", "-C", "--defined-only", str(compiled[0] / f"{src}.o")], capture_output=True, text=True,
+                        check=True).stdout
+    defined = set(re.findall(r"\bpsp::cuda::(\w+)\(", nm))
+    assert {fn for _, fn in pairs} <= defined, (src, sorted(defined))
+
+
+def test_every_cuda_candidate_has_a_registration():
+    """The table's ``cuda`` candidates are exactly the ops the .cu files register."""
+    registered_ops = {op for src in CUDA_SOURCES for op, _ in registered(CSRC / "cuda" / src)}
+    table_ops = {op for op, (_, cuda) in KERNEL_TABLE.items() if "cuda" in cuda}
+    assert registered_ops == table_ops
+
+
+# --------------------------------------------------------------------------------------------------
+# C++ CPU: registrations
+# --------------------------------------------------------------------------------------------------
+
+def test_every_cpp_candidate_is_registered():
+    """The table's ``cpp`` candidates are exactly the ops the .cpp files register, and each has a CPU kernel
+    in this process (the library loaded, its kernels checked against the schemas)."""
+    registered_ops = {op for src in CPU_SOURCES for op, _ in registered(CSRC / "cpu" / src)}
+    table_ops = {op for op, (cpu, _) in KERNEL_TABLE.items() if "cpp" in cpu}
+    assert registered_ops == table_ops
+    for op in table_ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"psp_native::{op}", "CPU"), op
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: the kernel registry and the launch geometry at full size
+# --------------------------------------------------------------------------------------------------
+
+_MODULE_KERNELS = {
+    tpool: ("_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"),
+    treduction: ("_reduction_fwd_kernel", "_bn_bwd_kernel", "_dgrad_kernel", "_wgrad_kernel"),
+    tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
+    thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
+            "_sum_rows_kernel", "_head_bwd_kernel"),
+    tconv: ("_conv_fwd_kernel", "_merge_tiles_kernel", "_bn_act_kernel", "_bn_act_bwd_sums_kernel", "_sum_rows_kernel",
+            "_bn_act_bwd_kernel"),
+}
+
+
+def test_triton_registry_lists_every_kernel():
+    import triton
+
+    registered_names = {e.name for e in tri.KERNELS}
+    for module, names in _MODULE_KERNELS.items():
+        found = {k for k, v in vars(module).items() if k.endswith("_kernel")
+                 and isinstance(v, (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction))}
+        assert found == set(names) and found <= registered_names, (module.__name__, found, registered_names)
+    for e in tri.KERNELS:
+        dts = {v for c in e.configs for k, v in c.signature.items() if k.endswith("_ptr")}
+        # Kernels reading activations have fp16 and bf16 configs; the ones that only merge accumulation-
+        # dtype partials (the head's statistics) have fp32 and fp64 ones. Every kernel has fp32.
+        assert {"*fp16", "*bf16"} <= dts or (dts & {"*fp16", "*bf16"} == set() and "*fp64" in dts), e.name
+        assert any("*fp32" in c.signature.values() for c in e.configs), e.name
+
+
+class _Recorder:
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((self.name, grid, args, kw))
+
+
+def _launch_matches(cfg, args, kw):
+    """A registered config with exactly the launch's constexprs, num_warps and pointer dtypes."""
+    sig = list(cfg.signature.values())
+    ptr_ok = all(sig[i] == "*" + SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "DOT_UPCAST")}
+    return (ptr_ok and cfg.num_warps == kw["num_warps"] and cfg.num_stages == kw.get("num_stages", cfg.num_stages)
+            and all(cfg.constexprs.get(k) == v for k, v in consts.items()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,hw", [(16, 90), (1, 60), (8, 61)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_triton_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
+    """N=16, C=2048, R=512 at 90x90 (and N=1 at 60x60, N=8 at 61x61) on meta tensors with the kernels
+    stubbed: every grid is within CUDA limits and every launch uses a config the compile test builds."""
+    calls = []
+    for module, names in _MODULE_KERNELS.items():
+        for name in names:
+            monkeypatch.setattr(module, name, _Recorder(name, calls))
+    c, r, bins = 2048, 512, (1, 2, 3, 6)
+    meta = dict(device="meta", dtype=dtype)
+    acc = dict(device="meta", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = torch.empty(n, c, hw, hw, **meta)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pooled = torch.empty(n, c, 50, **meta)
+    ws = [torch.empty(r, c, 1, 1, **meta) for _ in bins]
+    vs = [torch.empty(r, **meta) for _ in bins]
+    tri.multibin_avg_pool(x, bins)
+    tri.multibin_avg_pool_backward(pooled, bins, hw, hw, channels_last)
+    _, concat = tri.multibin_avg_pool_with_concat(x, bins, c + 4 * r)
+    tri.multibin_avg_pool_backward_add(pooled, bins, concat[:, :c], channels_last)
+    tri.upsample_into(concat, torch.empty(n, r, 50, **meta), bins, c)
+    for training in (True, False):
+        tri.reduction_conv_bn_relu(pooled, ws, vs, vs, vs, vs, bins, training, 1e-5)
+        tri.reduction_conv_bn_relu_backward(torch.empty(n, r, 50, **meta), pooled, torch.empty(n, r, 50, **acc), ws,
+                                            vs, vs, torch.empty(4, r, **acc), torch.empty(4, r, **acc), bins, training,
+                                            1e-5)
+    up = tri.upsample_concat(x, torch.empty(n, r, 50, **meta), bins)
+    tri.upsample_concat_backward(up, bins, c)
+    y = torch.empty(n, r, hw, hw, **meta)                    # the concat-free head's epilogue, O = 512
+    y = y.contiguous(memory_format=torch.channels_last) if channels_last else y
+    u, bw, o_vec = torch.empty(n, r, hw, 36, **acc), torch.empty(hw, 36, **acc), torch.empty(r, **acc)
+    for training in (True, False):
+        _, z, _, _ = tri.add_branch_bn_relu(y, u, bw, o_vec, o_vec, o_vec, o_vec, training, 1e-5, True)
+        tri.add_branch_bn_relu_backward(torch.empty(n, r, hw, hw, **meta), z, bw, o_vec, o_vec, o_vec, o_vec,
+                                        training, 1e-5)
+    tri.add_branch_bn_relu(y, u, bw, o_vec, o_vec, o_vec, o_vec, False, 1e-5, False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for c_in, o, k, stride, dil, has_res, relu in ((3, 64, 3, 2, 1, False, True), (128, 64, 1, 1, 1, False, True),
+                                                   (512, 256, 1, 1, 1, False, True), (256, 256, 3, 1, 2, False, True),
+                                                   (512, 512, 3, 1, 4, False, True), (512, 2048, 1, 1, 1, True, True),
+                                                   (1024, 2048, 1, 1, 1, False, False), (3, 64, 7, 2, 1, False, True)):
+        xc = torch.empty(n, c_in, hw, hw, **meta).contiguous(memory_format=fmt)  # the backbone's conv shapes
+        res = torch.empty(n, o, hw, hw, **meta) if has_res else None
+        wc = torch.empty(o, c_in, k, k, **meta).contiguous(memory_format=fmt)
+        s = 1 if has_res else stride
+        tri.folded_conv(xc, wc, torch.empty(o, **acc), res, s, dil * (k // 2), dil, relu)
+        vec = torch.empty(o, **acc)                                              # training: conv + statistics
+        out, y, mean, var = tri.training_conv(xc, wc, vec, vec, res, s, dil * (k // 2), dil, relu, 1e-5)
+        tri.training_conv_bn_backward(torch.empty_like(out), y, out, vec, vec, mean, var, relu, 1e-5, has_res)
+
+    nested = {"_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"}     # 60, 90: nested; 61: general path
+    expected = {k for v in _MODULE_KERNELS.values() for k in v} - (nested if hw % 6 else {"_pool_fwd_kernel",
+                                                                                         "_pool_bwd_kernel"})
+    assert {name for name, *_ in calls} == expected
+    entries = {e.name: e for e in tri.KERNELS}
+    for name, grid, args, kw in calls:
+        assert 1 <= grid[0] < 2 ** 31 and all(1 <= g < 65536 for g in grid[1:]), (name, grid)
+        assert any(_launch_matches(cfg, args, kw) for cfg in entries[name].configs), (name, kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: compile for sm80 / sm90 (results of the background job)
+# --------------------------------------------------------------------------------------------------
+
+_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("kernel", [e.name for e in tri.KERNELS])
+def test_triton_compiles(compile_job, kernel, cc):
+    entry = next(e for e in tri.KERNELS if e.name == kernel)
+    recs = {r["config"]: r for r in compile_job.results() if r["kernel"] == kernel and r["cc"] == cc}
+    assert set(recs) == {c.name for c in entry.configs}
+    errors = {name: r["error"] for name, r in recs.items() if "error" in r}
+    assert not errors, "\n\n".join(f"{k}:\n{v}" for k, v in errors.items())
+    over = {name: r["shared"] for name, r in recs.items() if r["shared"] > _SHARED_LIMIT[cc]}
+    assert not over, f"static shared memory over the sm_{cc} limit: {over}"
