@@ -115,12 +115,13 @@ def reduction_conv_bn_relu_backward(grad_out: torch.Tensor, pooled: torch.Tensor
         xhat = (zk - mean[k, None, :, None]) * invstd[k, None, :, None]
         dbn_bias = gk.sum(dim=(0, 2))
         dbn_weight = (gk * xhat).sum(dim=(0, 2))
-        gam = bn_weights[k].to(dt)[None, :, None]
+        bn_w = bn_weights[k].to(dt)[None, :, None]
         if training:
             m = gk.shape[0] * s
-            dz = gam * invstd[k, None, :, None] * (gk - dbn_bias[None, :, None] / m - xhat * dbn_weight[None, :, None] / m)
+            dz = bn_w * invstd[k, None, :, None] * (gk - dbn_bias[None, :, None] / m
+                                                   - xhat * dbn_weight[None, :, None] / m)
         else:
-            dz = gk * gam * invstd[k, None, :, None]
+            dz = gk * bn_w * invstd[k, None, :, None]
         w = conv_weights[k].to(dt).flatten(1)
         grad_p.append(torch.einsum("rc,nrs->ncs", w, dz))
         grad_w.append(torch.einsum("nrs,ncs->rc", dz, p[:, :, off:off + s]))
@@ -277,7 +278,8 @@ def add_branch_bn_relu_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, 
     zf = z.to(acc)
     _, scale, shift = _bn_scale_shift(bn_weight, bn_bias, mean, var, eps)
     mask = zf * _per_channel(scale) + _per_channel(shift) > 0
-    grad_z, grad_bn = _bn_backward(torch.where(mask, grad_out.to(acc), 0), zf, bn_weight, bn_bias, mean, var, training, eps)
+    grad_z, grad_bn = _bn_backward(torch.where(mask, grad_out.to(acc), 0), zf, bn_weight, bn_bias, mean, var,
+                                   training, eps)
     grad_y = grad_z.to(z.dtype).contiguous(memory_format=_memory_format(is_channels_last(z)))
     return grad_y, torch.matmul(grad_z, bw), grad_bn
 

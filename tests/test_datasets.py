@@ -190,7 +190,7 @@ def test_registered_dataset_is_seen_by_config_and_loaders(tmp_path, monkeypatch)
 @pytest.mark.parametrize("name", ["ade20k", "voc2012", "cityscapes"])
 @pytest.mark.parametrize("layers", [50, 101])
 def test_paper_recipes_load(name, layers):
-    """configs/<dataset>_pspnet<layers>.yaml: semseg's recipe (docs/semseg_parity.md, training recipe), valid for the trainer."""
+    """configs/<dataset>_pspnet<layers>.yaml: semseg's recipe (docs/semseg_parity.md), valid for the trainer."""
     from pspnet.config_files import load_config
     cfg = load_config(str(Path(__file__).parents[1] / "configs" / f"{name}_pspnet{layers}.yaml"), [])
     crop, epochs, classes = {"ade20k": (473, 100, 150), "voc2012": (473, 50, 21), "cityscapes": (713, 200, 19)}[name]

@@ -189,44 +189,43 @@ def test_autotune_measures_once_per_shape_class(fake_timing):
     assert timed == []
     times.update(cpp=0.5)
     psp_kernels.multibin_avg_pool(make_x(2, 4, 40, 40))              # another class: timed anew
-    assert timed and native_ops(make_x(2, 4, 40, 40), psp_kernels.multibin_avg_pool) == {"psp_native::multibin_avg_pool"}
+    assert timed
+    assert native_ops(make_x(2, 4, 40, 40), psp_kernels.multibin_avg_pool) == {"psp_native::multibin_avg_pool"}
     choices = dispatch._choices[("multibin_avg_pool", "cpu")]
     assert sorted(choices.values()) == ["cpp", "reference"] and all(k.startswith("float64/contiguous/")
                                                                     for k in choices)
 
 
-def test_autotune_skips_a_candidate_that_declines(fake_timing, monkeypatch):
-    times, _ = fake_timing
+def decline(monkeypatch, declining: str) -> None:
+    """Make candidate ``declining`` raise NotImplementedError for every input (as the CUTLASS conv does for
+    inputs it does not cover)."""
     real = dispatch._kernel
 
-    def declining(candidate, name, device):
-        kernel = real(candidate, name, device)
-        if candidate == "reference" and kernel is not None:
-            def decline(*args):
-                raise NotImplementedError("not these inputs")
-            return decline
-        return kernel
-    monkeypatch.setattr(dispatch, "_kernel", declining)
+    def kernel(candidate, name, device):
+        found = real(candidate, name, device)
+        if candidate != declining or found is None:
+            return found
+
+        def declined(*args):
+            raise NotImplementedError("not these inputs")
+        return declined
+    monkeypatch.setattr(dispatch, "_kernel", kernel)
+
+
+def test_autotune_skips_a_candidate_that_declines(fake_timing, monkeypatch):
+    decline(monkeypatch, "reference")
     x = make_x(2, 4, 13, 17)
     psp_kernels.multibin_avg_pool(x)
-    assert dispatch._choices[("multibin_avg_pool", "cpu")] and set(dispatch._choices[("multibin_avg_pool", "cpu")]
-                                                                    .values()) == {"cpp"}
+    assert set(dispatch._choices[("multibin_avg_pool", "cpu")].values()) == {"cpp"}
     assert native_ops(x, psp_kernels.multibin_avg_pool) == {"psp_native::multibin_avg_pool"}
 
 
 def test_a_declining_default_passes_the_input_on(monkeypatch, clean_table):
-    real = dispatch._kernel
-
-    def declining(candidate, name, device):
-        kernel = real(candidate, name, device)
-        if candidate == "cpp" and kernel is not None:
-            def decline(*args):
-                raise NotImplementedError("not these inputs")
-            return decline
-        return kernel
-    monkeypatch.setattr(dispatch, "_kernel", declining)
+    decline(monkeypatch, "cpp")
     x = make_x(2, 4, 13, 17)
-    torch.testing.assert_close(psp_kernels.multibin_avg_pool(x), psp_kernels.reference.multibin_avg_pool(x, (1, 2, 3, 6)))
+    expected = psp_kernels.reference.multibin_avg_pool(x, (1, 2, 3, 6))
+    torch.testing.assert_close(psp_kernels.multibin_avg_pool(x), expected)
+    assert native_ops(x, psp_kernels.multibin_avg_pool) == set()
 
 
 def _agree_worker(rank: int, store_path: str, out_path: str) -> None:

@@ -251,7 +251,8 @@ def test_cuda_bits_equal_the_cpp_kernels(backend, dtype, layout):
     bins, cl = [1, 2, 3, 6], layout == "channels_last"
     x = make_x(2, 70, 13, 17, dtype, layout)
     g = rand(2, 70, packed_size(bins), dtype=dtype, seed=4)
-    got = [ops.multibin_avg_pool(x.cuda(), bins).cpu(), ops.multibin_avg_pool_backward(g.cuda(), bins, 13, 17, cl).cpu()]
+    got = [ops.multibin_avg_pool(x.cuda(), bins).cpu(),
+           ops.multibin_avg_pool_backward(g.cuda(), bins, 13, 17, cl).cpu()]
     native = torch.ops.psp_native
     assert_bitwise(got, [native.multibin_avg_pool(x, bins), native.multibin_avg_pool_backward(g, bins, 13, 17, cl)],
                    "CUDA vs C++")

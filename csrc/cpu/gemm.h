@@ -1,4 +1,4 @@
-// Fixed-order GEMM shared by the CPU kernels (projection.cpp, head.cpp).
+// Fixed-order GEMM shared by the CPU kernels (reduction.cpp, head.cpp).
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,7 @@ namespace psp::cpu {
 // accumulated from 0 over k ascending (acc += a * b, no reassociation), so its bits depend neither
 // on the tiling nor on the thread count. Register tiles: R rows x NV 16-byte SIMD vectors (GCC /
 // Clang vector extension); leftover columns (< one vector) use the same arithmetic in scalars. Serial:
-// callers parallelise over their own output tiles (projection.cpp, head.cpp).
+// callers parallelise over their own output tiles (reduction.cpp, head.cpp).
 // ---------------------------------------------------------------------------------------------
 
 template <typename acc_t>

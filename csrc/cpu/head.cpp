@@ -443,7 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_branch_bn_relu(
   const Layout layout = layout_of(y);
   const at::ScalarType acc = acc_dtype(y.scalar_type());
   const at::Tensor u = u_in.contiguous(), bw = bw_in.contiguous();
-  const at::Tensor gam = channel_param(bn_weight, "bn_weight", g.O, acc), bet = channel_param(bn_bias, "bn_bias", g.O, acc);
+  const at::Tensor bn_w = channel_param(bn_weight, "bn_weight", g.O, acc);
+  const at::Tensor bn_b = channel_param(bn_bias, "bn_bias", g.O, acc);
   const auto acc_opts = y.options().dtype(acc);
   at::Tensor mean = training ? at::empty({g.O}, acc_opts) : channel_param(running_mean, "running_mean", g.O, acc);
   at::Tensor var = training ? at::empty({g.O}, acc_opts) : channel_param(running_var, "running_var", g.O, acc);
@@ -452,9 +453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_branch_bn_relu(
   at::Tensor z = training || keep_z ? at::empty(y.sizes(), map_opts) : at::empty({0}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "psp_add_branch_bn_relu", [&] {
     if (layout == Layout::NHWC) {
-      head_forward_kernel<scalar_t, true>(g, y, u, bw, gam, bet, mean, var, z, out, training, eps);
+      head_forward_kernel<scalar_t, true>(g, y, u, bw, bn_w, bn_b, mean, var, z, out, training, eps);
     } else {
-      head_forward_kernel<scalar_t, false>(g, y, u, bw, gam, bet, mean, var, z, out, training, eps);
+      head_forward_kernel<scalar_t, false>(g, y, u, bw, bn_w, bn_b, mean, var, z, out, training, eps);
     }
   });
   return {out, z, mean, var};
@@ -476,7 +477,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_branch_bn_relu_backward(
   const at::Tensor go = grad_out.contiguous(memory_format(layout));
   const at::ScalarType acc = acc_dtype(z.scalar_type());
   const at::Tensor bw = bw_in.contiguous();
-  const at::Tensor gam = channel_param(bn_weight, "bn_weight", g.O, acc), bet = channel_param(bn_bias, "bn_bias", g.O, acc);
+  const at::Tensor bn_w = channel_param(bn_weight, "bn_weight", g.O, acc);
+  const at::Tensor bn_b = channel_param(bn_bias, "bn_bias", g.O, acc);
   const at::Tensor mean = channel_param(mean_in, "mean", g.O, acc), var = channel_param(var_in, "var", g.O, acc);
   const auto acc_opts = z.options().dtype(acc);
   at::Tensor grad_y = at::empty(z.sizes(), z.options().memory_format(memory_format(layout)));
@@ -484,10 +486,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_branch_bn_relu_backward(
   at::Tensor grad_bn = at::empty({2, g.O}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "psp_add_branch_bn_relu_backward", [&] {
     if (layout == Layout::NHWC) {
-      head_backward_kernel<scalar_t, true>(g, go, z, bw, gam, bet, mean, var, training, eps, grad_y, grad_u,
+      head_backward_kernel<scalar_t, true>(g, go, z, bw, bn_w, bn_b, mean, var, training, eps, grad_y, grad_u,
                                            grad_bn);
     } else {
-      head_backward_kernel<scalar_t, false>(g, go, z, bw, gam, bet, mean, var, training, eps, grad_y, grad_u,
+      head_backward_kernel<scalar_t, false>(g, go, z, bw, bn_w, bn_b, mean, var, training, eps, grad_y, grad_u,
                                             grad_bn);
     }
   });

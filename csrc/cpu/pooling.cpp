@@ -336,7 +336,8 @@ at::Tensor multibin_avg_pool(const at::Tensor& x_in, const std::vector<int64_t>&
   return pool_forward_impl(kernel_layout(x_in), bins, at::Tensor());
 }
 
-std::tuple<at::Tensor, at::Tensor> multibin_avg_pool_with_concat(const at::Tensor& x_in, const std::vector<int64_t>& bins,
+std::tuple<at::Tensor, at::Tensor> multibin_avg_pool_with_concat(const at::Tensor& x_in,
+                                                                 const std::vector<int64_t>& bins,
                                                                  int64_t total_channels) {
   check_input(x_in, "x", 4);
   const at::Tensor x = kernel_layout(x_in);
@@ -356,7 +357,8 @@ at::Tensor multibin_avg_pool_backward(const at::Tensor& grad_pooled, const std::
 at::Tensor multibin_avg_pool_backward_add(const at::Tensor& grad_pooled, const std::vector<int64_t>& bins,
                                           const at::Tensor& residual, bool channels_last) {
   check_input(residual, "residual", 4);
-  TORCH_CHECK(residual.scalar_type() == grad_pooled.scalar_type(), "psp_kernels: residual must have grad_pooled's dtype ",
+  TORCH_CHECK(residual.scalar_type() == grad_pooled.scalar_type(),
+              "psp_kernels: residual must have grad_pooled's dtype ",
               grad_pooled.scalar_type(), ", got ", residual.scalar_type());
   TORCH_CHECK(residual.size(0) == grad_pooled.size(0) && residual.size(1) == grad_pooled.size(1),
               "psp_kernels: residual must be [N, C, H, W] with grad_pooled's N, C, got ", residual.sizes());

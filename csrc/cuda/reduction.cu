@@ -233,7 +233,7 @@ BinGrid bin_grid(const PackedBins& pb, int64_t N, bool rows_i, int64_t extent_i,
     g.i_tiles[k] = static_cast<int>(i_tiles);
     g.first_tile[k] = static_cast<int>(total);
     total += i_tiles * div_up(extent_j, kBJ);
-    TORCH_CHECK(total <= std::numeric_limits<int>::max(), "psp_kernels (CUDA): projection too large");
+    TORCH_CHECK(total <= std::numeric_limits<int>::max(), "psp_kernels (CUDA): reduction too large");
   }
   g.first_tile[g.nb] = static_cast<int>(total);
   return g;
@@ -268,7 +268,7 @@ __device__ inline int64_t packed_index(int m, int x, int64_t X, int S, int off, 
 // tile copy those statistics to mean/var (each (k, r) by one thread).
 template <typename scalar_t, typename w_t>
 __global__ void __launch_bounds__(kGemmThreads)
-    project_forward_kernel(const scalar_t* __restrict__ pooled, const __grid_constant__ WeightPtrs<w_t> w,
+    reduction_forward_kernel(const scalar_t* __restrict__ pooled, const __grid_constant__ WeightPtrs<w_t> w,
                            const __grid_constant__ BnParams bn, const __grid_constant__ BinGrid grid, int N, int C,
                            int R, int S, double eps, bool training, at::opmath_type<scalar_t>* __restrict__ z,
                            scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ mean,
@@ -312,7 +312,7 @@ constexpr int kWarps = 8;
 // (biased, two passes), then out = relu(BN(z)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32)
-    project_stats_kernel(const at::opmath_type<scalar_t>* __restrict__ z, const __grid_constant__ BnParams bn,
+    reduction_stats_kernel(const at::opmath_type<scalar_t>* __restrict__ z, const __grid_constant__ BnParams bn,
                          const __grid_constant__ BinTable bins, int N, int R, int S, double eps,
                          scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ mean,
                          at::opmath_type<scalar_t>* __restrict__ var) {
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // bn_weight*invstd * g in eval.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32)
-    project_bn_backward_kernel(const scalar_t* __restrict__ grad_out, const at::opmath_type<scalar_t>* __restrict__ z,
+    reduction_bn_backward_kernel(const scalar_t* __restrict__ grad_out, const at::opmath_type<scalar_t>* __restrict__ z,
                                const at::opmath_type<scalar_t>* __restrict__ mean,
                                const at::opmath_type<scalar_t>* __restrict__ var, const __grid_constant__ BnParams bn,
                                const __grid_constant__ BinTable bins, int N, int R, int S, double eps, bool training,
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // dgrad. Block = (bin k, tile of 32 rows m, tile of 64 input channels c): grad_pooled = dZ_k @ W_k.
 template <typename scalar_t, typename w_t>
 __global__ void __launch_bounds__(kGemmThreads)
-    project_dgrad_kernel(const at::opmath_type<scalar_t>* __restrict__ dz, const __grid_constant__ WeightPtrs<w_t> w,
+    reduction_dgrad_kernel(const at::opmath_type<scalar_t>* __restrict__ dz, const __grid_constant__ WeightPtrs<w_t> w,
                          const __grid_constant__ BinGrid grid, int N, int C, int R, int S,
                          scalar_t* __restrict__ grad_pooled) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(kGemmThreads)
 // grad_W_k[r, c] = sum over m ascending of dZ_k[m, r] P_k[m, c] (all M_k rows in one block).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kGemmThreads)
-    project_wgrad_kernel(const at::opmath_type<scalar_t>* __restrict__ dz, const scalar_t* __restrict__ pooled,
+    reduction_wgrad_kernel(const at::opmath_type<scalar_t>* __restrict__ dz, const scalar_t* __restrict__ pooled,
                          const __grid_constant__ BinGrid grid, int N, int C, int R, int S,
                          at::opmath_type<scalar_t>* __restrict__ grad_w) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -556,19 +556,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_rel
     return {out, z, mean, var};
   }
   const BinGrid grid = bin_grid(pb, N, true, 0, R);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_cuda_project_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_cuda_reduction_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     with_weight_type<scalar_t>(wts, [&](auto tag) {
       using w_t = decltype(tag);
-      project_forward_kernel<scalar_t, w_t><<<grid_1d(grid.first_tile[grid.nb]), kGemmThreads, 0, stream>>>(
+      reduction_forward_kernel<scalar_t, w_t><<<grid_1d(grid.first_tile[grid.nb]), kGemmThreads, 0, stream>>>(
           pooled.const_data_ptr<scalar_t>(), weight_ptrs<w_t>(wts), bn, grid, static_cast<int>(N),
           static_cast<int>(C), static_cast<int>(R), static_cast<int>(S), eps, training, z.data_ptr<acc_t>(),
           out.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (training) {
-      project_stats_kernel<scalar_t><<<grid_1d(nb * div_up(R, kWarps)), kWarps * 32, 0, stream>>>(
+      reduction_stats_kernel<scalar_t><<<grid_1d(nb * div_up(R, kWarps)), kWarps * 32, 0, stream>>>(
           z.const_data_ptr<acc_t>(), bn, bin_table(pb), static_cast<int>(N), static_cast<int>(R),
           static_cast<int>(S), eps, out.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -597,7 +597,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_rel
   TORCH_CHECK(grad_out_in.size(0) == N && grad_out_in.size(1) == R && z_in.size(0) == N && z_in.size(1) == R,
               "psp_kernels (CUDA): grad_out and bn_input must be [N, R, S] = [", N, ", ", R, ", ", S, "], got ",
               grad_out_in.sizes(), " and ", z_in.sizes());
-  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels (CUDA): bn_input must be in the accumulation dtype ", acc, ", got ",
+  TORCH_CHECK(z_in.scalar_type() == acc, "psp_kernels (CUDA): bn_input must be in the accumulation dtype ", acc,
+              ", got ",
               z_in.scalar_type());
   TORCH_CHECK(grad_out_in.scalar_type() == pooled.scalar_type(), "psp_kernels (CUDA): grad_out must have pooled's ",
               "dtype ", pooled.scalar_type(), ", got ", grad_out_in.scalar_type());
@@ -621,25 +622,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduction_conv_bn_rel
   if (dz.numel() == 0) {  // no rows or channels: every gradient is an empty sum
     for (at::Tensor* t : {&dbn_weight, &dbn_bias, &gw, &grad_pooled}) t->zero_();
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_cuda_project_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "psp_cuda_reduction_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-      project_bn_backward_kernel<scalar_t><<<grid_1d(nb * div_up(R, kWarps)), kWarps * 32, 0, stream>>>(
+      reduction_bn_backward_kernel<scalar_t><<<grid_1d(nb * div_up(R, kWarps)), kWarps * 32, 0, stream>>>(
           go.const_data_ptr<scalar_t>(), z.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
           var.const_data_ptr<acc_t>(), bn, bin_table(pb), static_cast<int>(N), static_cast<int>(R),
-          static_cast<int>(S), eps, training, dz.data_ptr<acc_t>(), dbn_weight.data_ptr<acc_t>(), dbn_bias.data_ptr<acc_t>());
+          static_cast<int>(S), eps, training, dz.data_ptr<acc_t>(), dbn_weight.data_ptr<acc_t>(),
+          dbn_bias.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (C > 0) {
         const BinGrid dgrad = bin_grid(pb, N, true, 0, C);
         with_weight_type<scalar_t>(wts, [&](auto tag) {
           using w_t = decltype(tag);
-          project_dgrad_kernel<scalar_t, w_t><<<grid_1d(dgrad.first_tile[dgrad.nb]), kGemmThreads, 0, stream>>>(
+          reduction_dgrad_kernel<scalar_t, w_t><<<grid_1d(dgrad.first_tile[dgrad.nb]), kGemmThreads, 0, stream>>>(
               dz.const_data_ptr<acc_t>(), weight_ptrs<w_t>(wts), dgrad, static_cast<int>(N), static_cast<int>(C),
               static_cast<int>(R), static_cast<int>(S), grad_pooled.data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         const BinGrid wgrad = bin_grid(pb, N, false, C, R);
-        project_wgrad_kernel<scalar_t><<<grid_1d(wgrad.first_tile[wgrad.nb]), kGemmThreads, 0, stream>>>(
+        reduction_wgrad_kernel<scalar_t><<<grid_1d(wgrad.first_tile[wgrad.nb]), kGemmThreads, 0, stream>>>(
             dz.const_data_ptr<acc_t>(), pooled.const_data_ptr<scalar_t>(), wgrad, static_cast<int>(N),
             static_cast<int>(C), static_cast<int>(R), static_cast<int>(S), gw.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();

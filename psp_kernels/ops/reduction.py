@@ -62,10 +62,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def split_params(ctx) -> tuple:
-    """(first saved tensors, conv_weights, bn_weights, bn_biases) of a context saved as above."""
-    *first, = ctx.saved_tensors[:-3 * ctx.nb]
-    params = ctx.saved_tensors[-3 * ctx.nb:]
-    nb = ctx.nb
+    """(the tensors saved before the parameters, conv_weights, bn_weights, bn_biases) of a context saved as
+    above (also the whole-PPM op's)."""
+    nb, saved = ctx.nb, ctx.saved_tensors
+    first, params = saved[:-3 * nb], saved[-3 * nb:]
     return first, params[:nb], params[nb:2 * nb], params[2 * nb:]
 
 

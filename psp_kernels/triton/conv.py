@@ -265,7 +265,8 @@ def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor
     out = torch.empty_like(y)
     res = residual if residual is not None else y
     bn_weight, bn_bias = bn_weight.to(acc).contiguous(), bn_bias.to(acc).contiguous()
-    _bn_act_kernel[_ew_grid(m, o)](y, res, out, mean, var, bn_weight, bn_bias, o, ho, wo, m, *eps_args(eps), *y.stride(),
+    _bn_act_kernel[_ew_grid(m, o)](y, res, out, mean, var, bn_weight, bn_bias, o, ho, wo, m, *eps_args(eps),
+                                   *y.stride(),
                                    *res.stride(), HAS_RES=residual is not None, RELU=relu, BLOCK_M=EW_BLOCK_M,
                                    BLOCK_O=EW_BLOCK_O, ACC_DTYPE=acc_tl(x.dtype), num_warps=EW_WARPS)
     return out, y, mean, var
@@ -361,8 +362,8 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
             grads = {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "y_ptr": f"*{dt}", **bn}
             gstrides = {**_strides("sg"), **_strides("so"), **_strides("sy")}
             out.append((_bn_act_bwd_kernel, CompileConfig(
-                f"bn_act_bwd/{dt}/{tag}", {**grads, "bn_weight_ptr": f"*{acc}", "sums_ptr": f"*{acc}", "gy_ptr": f"*{dt}",
-                                          "gr_ptr": f"*{dt}", **shape, **eps, **gstrides,
+                f"bn_act_bwd/{dt}/{tag}", {**grads, "bn_weight_ptr": f"*{acc}", "sums_ptr": f"*{acc}",
+                                          "gy_ptr": f"*{dt}", "gr_ptr": f"*{dt}", **shape, **eps, **gstrides,
                                           **{n: "constexpr" for n in (*flags, *ew)}},
                 dict(**flags, **ew), num_warps=EW_WARPS)))
             if not has_res:
