@@ -47,7 +47,7 @@ def multibin_avg_pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], h
         ph = pooling_matrix(b, height, dt, g.device)
         pw = pooling_matrix(b, width, dt, g.device)
         gb = g[:, :, off:off + b * b].reshape(n, c, b, b)
-        grad_x += torch.einsum("ih,ncij,jw->nchw", ph, gb, pw)
+        grad_x += ph.t() @ gb @ pw                                # P_h^T g_b P_w
     return grad_x.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
 
 
@@ -161,7 +161,7 @@ def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channe
         gk = grad_out[:, channels + k * r: channels + (k + 1) * r].to(dt)
         ah = interpolation_matrix(h, b, dt, grad_out.device)
         aw = interpolation_matrix(w, b, dt, grad_out.device)
-        grads.append(torch.einsum("hi,nrhw,wj->nrij", ah, gk, aw).reshape(n, r, b * b))
+        grads.append((ah.t() @ gk @ aw).reshape(n, r, b * b))   # A_h^T g A_w
     return torch.cat(grads, dim=2).to(grad_out.dtype)
 
 

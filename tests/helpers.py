@@ -20,8 +20,8 @@ def rand(*shape, dtype=torch.float64, seed=0, device="cpu") -> torch.Tensor:
 def make_x(n, c, h, w, dtype=torch.float64, layout="nchw", device="cpu") -> torch.Tensor:
     """x [N, C, H, W] in a layout the kernels see: ``nchw``, ``channels_last`` or ``strided`` (every other
     channel of a wider tensor: neither NCHW- nor NHWC-contiguous)."""
-    if layout == "strided":
-        return torch.randn(n, 2 * c, h, w, dtype=torch.float64)[:, ::2].to(device=device, dtype=dtype)
+    if layout == "strided":    # sliced after the conversion: .to() of a non-dense tensor makes it contiguous
+        return torch.randn(n, 2 * c, h, w, dtype=torch.float64).to(device=device, dtype=dtype)[:, ::2]
     x = torch.randn(n, c, h, w, dtype=torch.float64).to(device=device, dtype=dtype)
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 

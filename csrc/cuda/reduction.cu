@@ -480,16 +480,16 @@ struct Weights {
 };
 
 Weights prepare_weights(const std::vector<at::Tensor>& weights, const PackedBins& pb, const at::Tensor& pooled) {
-  cpu::check_list(weights, "weights", pb);
+  cpu::check_list(weights, "conv_weights", pb);
   const int64_t C = pooled.size(1);
   const int64_t R = weights[0].defined() && weights[0].dim() == 4 ? weights[0].size(0) : -1;
   bool all_pooled_dtype = true;
   for (const at::Tensor& w : weights) {
     TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(0) == R && w.size(1) == C && w.size(2) == 1 && w.size(3) == 1,
-                "psp_kernels (CUDA): weights[k] must be [R, C, 1, 1] with C = ", C, " and one R, got ",
+                "psp_kernels (CUDA): conv_weights[k] must be [R, C, 1, 1] with C = ", C, " and one R, got ",
                 w.defined() ? w.sizes() : at::IntArrayRef{});
     TORCH_CHECK(w.is_cuda() && w.device() == pooled.device() && is_kernel_dtype(w.scalar_type()),
-                "psp_kernels (CUDA): weights[k] must be a floating CUDA tensor on ", pooled.device(), ", got ",
+                "psp_kernels (CUDA): conv_weights[k] must be a floating CUDA tensor on ", pooled.device(), ", got ",
                 w.scalar_type(), " on ", w.device());
     all_pooled_dtype = all_pooled_dtype && w.scalar_type() == pooled.scalar_type();
   }
