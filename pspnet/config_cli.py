@@ -133,13 +133,13 @@ def _add_option(group: argparse._ArgumentGroup, name: str, default: Any) -> None
 
 
 def _metavar(tp: Any) -> str:
-    """``INT``, ``FLOAT``, ``TEXT``, ``FLOAT,...`` or ``INT|none``."""
+    """``BOOL``, ``INT``, ``FLOAT``, ``TEXT``, ``FLOAT,...`` or ``INT|none``."""
     if typing.get_origin(tp) is list:
         return f"{_metavar(typing.get_args(tp)[0])},..."
     if type(None) in typing.get_args(tp):
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_metavar(inner)}|none"
-    return {int: "INT", float: "FLOAT", str: "TEXT"}[tp]
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}[tp]
 
 
 def _show(value: Any) -> str:

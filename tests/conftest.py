@@ -40,11 +40,6 @@ def pytest_configure(config):
     if mode == "auto":
         mode = "compiled" if torch.cuda.is_available() else "interpret"
     os.environ["TRITON_INTERPRET"] = "1" if mode == "interpret" else "0"
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
-    config.addinivalue_line("markers", "backends(*names, devices=('cpu', 'cuda')): the kernel candidates and "
-                            "devices a test's `backend` fixture runs over")
-    config.addinivalue_line("markers", "cases(cases, interpreted=subset, ids=fn): `case` values per backend "
-                            "(the Triton interpreter runs the subset)")
 
 
 # --------------------------------------------------------------------------------------------------

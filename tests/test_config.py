@@ -111,3 +111,19 @@ def test_checkpoint_config_drops_unknown_keys_and_applies_overrides():
     assert (cfg.layers, cfg.flip) == (34, True)
     with pytest.raises(ConfigError, match="--config is required"):
         checkpoint_config({}, "ck.pth")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], (True, True, True)),
+    (["--no-fused"], (False, False, False)),
+    (["--fused_backbone", "false"], (True, True, False)),
+    (["--no-fused", "--concat_free_head", "true"], (False, True, False)),
+    (["--fused_ppm=false", "--fused_backbone", "none"], (False, True, True)),
+])
+def test_the_three_fused_switches_reach_the_model(overrides, expected):
+    """fused_ppm, concat_free_head and fused_backbone: none follows fused; each sets its own PSPNet switch."""
+    from pspnet.modeling import build_model
+    cfg = load_config(None, overrides)
+    model = build_model(cfg)
+    assert (model.fused_ppm, model.concat_free_head, model.fused_backbone) == expected
+    assert model.ppm.fused == expected[0] and model.layer1[0].fused == expected[2]

@@ -72,14 +72,6 @@ def nerr(t, ref):
     return ((t.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
-def interpreted_bf16(backend, dtype) -> dict:
-    """The factor (with its reason) for bf16 in the Triton interpreter, which rounds fp32 to bf16 by
-    truncation (compiled Triton and the other kernels round to nearest: the rule's factor 2)."""
-    if backend.name == "triton" and backend.device == "cpu" and dtype == torch.bfloat16:
-        return dict(factor=3.0, reason="the Triton interpreter rounds fp32 to bf16 by truncation")
-    return {}
-
-
 # --------------------------------------------------------------------------------------------------
 # psp::folded_conv against the oracle
 # --------------------------------------------------------------------------------------------------
@@ -111,8 +103,7 @@ def test_folded_conv_low_precision(backend, geometry, dtype):
     args = (x, weight, bias, res, stride, padding, dilation, True)
     out = folded_conv(*args)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    assert_low_precision_close(out, reference.folded_conv(*args), oracle(*args), "folded_conv",
-                               **interpreted_bf16(backend, dtype))
+    assert_low_precision_close(out, reference.folded_conv(*args), oracle(*args), "folded_conv")
 
 
 def test_folded_conv_is_deterministic_and_propagates_nan(backend):
@@ -515,9 +506,8 @@ def test_training_conv_low_precision(backend, dtype):
                                                            device=backend.device)
     args = (x, weight, bn_weight, bn_bias, res, 1, 2, 2, True, 1e-5)
     got, want = ops.training_conv(*args), reference.training_conv(*args)
-    factor = interpreted_bf16(backend, dtype)
     assert got[0].dtype == dtype
-    assert_low_precision_close(got[0], want[0], train_oracle(*args[:-1]), "training_conv", **factor)
+    assert_low_precision_close(got[0], want[0], train_oracle(*args[:-1]), "training_conv")
     y64 = F.conv2d(x.double(), weight.double(), None, 1, 2, 2)
     var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), unbiased=False)
     assert_low_precision_close(got[2], want[2], mean64, "mean", dtype=dtype)     # fp32: no bf16 rounding
