@@ -199,7 +199,9 @@ def test_fused_model_trains_under_autocast_like_the_unfused_one(amp, device):
             loss = main + 0.4 * aux
         loss.backward()
         conv = model.cls[0]
-        grad = torch.cat([conv.weight_x.grad, conv.weight_branches.grad], 1) if model.fused else conv.weight.grad
+        if model.concat_free_head:
+            return loss.item(), torch.cat([conv.weight_x.grad, conv.weight_branches.grad], 1)
+        grad = conv.weight.grad
         return loss.item(), grad
 
     exact_loss, exact_grad = run(plain, None)
