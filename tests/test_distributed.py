@@ -201,8 +201,7 @@ def test_fused_model_trains_under_autocast_like_the_unfused_one(amp, device):
         conv = model.cls[0]
         if model.concat_free_head:
             return loss.item(), torch.cat([conv.weight_x.grad, conv.weight_branches.grad], 1)
-        grad = conv.weight.grad
-        return loss.item(), grad
+        return loss.item(), conv.weight.grad
 
     exact_loss, exact_grad = run(plain, None)
     (fused_loss, fused_grad), (plain_loss, plain_grad) = run(fused, amp), run(plain, amp)
