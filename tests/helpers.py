@@ -82,3 +82,34 @@ def assert_low_precision_close(ours: torch.Tensor, pytorch: torch.Tensor, oracle
     bound = factor * eager_err + ATOL[dtype] * scale
     assert err <= bound, (f"{what}: max error {err:.3g} > {bound:.3g} = {factor} x PyTorch's {dtype} error "
                           f"{eager_err:.3g} + atol{(' (' + reason + ')') if reason else ''}")
+
+
+def assert_bitwise(first, second, what: str) -> None:
+    """Each tensor of the sequence ``first`` equals its partner in ``second`` in dtype and every bit."""
+    assert len(first) == len(second), f"{what}: {len(first)} vs {len(second)} results"
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: result {i} differs"
+
+
+def assert_bits_independent_of_thread_count(set_threads, run) -> None:
+    """``run()`` (a list of tensors) gives the same bits with 2 threads and with 1; ``set_threads`` is the
+    conftest ``threads`` fixture."""
+    set_threads(2)
+    first = run()
+    set_threads(1)
+    assert_bitwise(first, run(), "1 vs 2 threads")
+
+
+def assert_module_low_precision_close(ours, eager, oracle, x64: torch.Tensor, dtype: torch.dtype) -> None:
+    """Runs the modules ``ours`` and ``eager`` (in ``dtype``) and the fp64 ``oracle`` forward and backward on
+    ``x64`` rounded to ``dtype`` (the oracle gets the same rounded input), with one random output gradient,
+    and checks the output and the gradient of x by :func:`assert_low_precision_close`. The parameter
+    gradients are left in ``.grad`` for the caller to compare."""
+    x, x_eager = x64.to(dtype).requires_grad_(), x64.to(dtype).requires_grad_()
+    x_oracle = x.detach().double().requires_grad_()
+    out, out_eager, out_oracle = ours(x), eager(x_eager), oracle(x_oracle)
+    assert out.dtype == dtype
+    assert_low_precision_close(out, out_eager, out_oracle, "forward")
+    g = torch.randn_like(out_oracle).to(dtype)
+    out.backward(g), out_eager.backward(g), out_oracle.backward(g.double())
+    assert_low_precision_close(x.grad, x_eager.grad, x_oracle.grad, "grad x")

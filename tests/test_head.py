@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_low_precision_close, make_x, rand, randomize_batchnorms
+from helpers import (assert_bits_independent_of_thread_count, assert_bitwise, assert_low_precision_close,
+                     assert_module_low_precision_close, make_x, rand, randomize_batchnorms)
 from psp_kernels import HeadConv, PSPHead, add_branch_bn_relu, reference, split_bins
 from psp_kernels.geometry import acc_dtype, interpolation_matrix, shifted_interpolation
 from psp_kernels.nn import branch_conv, branch_factors, concat_free_head, psp_head
@@ -147,15 +148,9 @@ def test_low_precision(backend, dtype, training, case):
     ours, eager = ours.to(dtype), eager.to(backend.device, dtype)
     for m in (ours, eager, oracle):
         m.train(training)
-    x64 = make_x(n, c, h, w, layout=layout, device=backend.device)     # N=4: bin 1's statistics over 4 values
-    x, xe = x64.to(dtype).requires_grad_(), x64.to(dtype).requires_grad_()
-    xo = x.detach().double().requires_grad_()
-    out, out_e, out_o = ours(x), eager(xe), oracle(xo)
-    assert out.dtype == dtype
-    assert_low_precision_close(out, out_e, out_o, "forward")
-    g = torch.randn_like(out_o).to(dtype)
-    out.backward(g), out_e.backward(g), out_o.backward(g.double())
-    assert_low_precision_close(x.grad, xe.grad, xo.grad, "grad x")
+    # N=4: bin 1's statistics over 4 values
+    assert_module_low_precision_close(ours, eager, oracle, make_x(n, c, h, w, layout=layout, device=backend.device),
+                                      dtype)
     # Parameter gradients jointly: the per-channel BN gradients of a tiny batch are individually
     # ill-conditioned in bf16 (eager's own errors there range over an order of magnitude with the seed).
     names = sorted(grads(oracle))
@@ -479,18 +474,13 @@ def run_epilogue(device, dtype=torch.float32):
 
 @epilogue_backends
 def test_epilogue_bitwise_deterministic(backend):
-    for i, (a, b) in enumerate(zip(run_epilogue(backend.device), run_epilogue(backend.device))):
-        assert torch.equal(a, b), f"result {i} differs"
+    assert_bitwise(run_epilogue(backend.device), run_epilogue(backend.device), "two runs")
 
 
 @pytest.mark.backends("cpp", devices=("cpu",))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_epilogue_bits_independent_of_thread_count(backend, threads, dtype):
-    threads(2)
-    first = run_epilogue("cpu", dtype)
-    threads(1)
-    for i, (a, b) in enumerate(zip(first, run_epilogue("cpu", dtype))):
-        assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
+    assert_bits_independent_of_thread_count(threads, lambda: run_epilogue("cpu", dtype))
 
 
 @epilogue_backends

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_low_precision_close, make_x, rand, requires_cuda
+from helpers import (assert_bits_independent_of_thread_count, assert_bitwise, assert_low_precision_close, make_x,
+                     rand, requires_cuda)
 from psp_kernels import multibin_avg_pool, reference
 from psp_kernels.geometry import packed_size, split_bins
 
@@ -207,10 +208,6 @@ def run_all(device, dtype, layout, small=False):
             ops.multibin_avg_pool_backward_add(g, bins, residual, layout == "channels_last")]
 
 
-def assert_bitwise(first, second, what):
-    for i, (a, b) in enumerate(zip(first, second)):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: result {i} differs"
-
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -224,10 +221,7 @@ def test_bitwise_deterministic(backend, dtype, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_bits_independent_of_thread_count(backend, threads, dtype, layout):
-    threads(2)
-    first = run_all("cpu", dtype, layout)
-    threads(1)
-    assert_bitwise(first, run_all("cpu", dtype, layout), "1 vs 2 threads")
+    assert_bits_independent_of_thread_count(threads, lambda: run_all("cpu", dtype, layout))
 
 
 @pytest.mark.backends("cpp", "cuda")

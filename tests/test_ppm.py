@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import psp_kernels
-from helpers import assert_low_precision_close, make_ppm, make_x, rand
+from helpers import assert_low_precision_close, assert_module_low_precision_close, make_ppm, make_x, rand
 from psp_kernels import multibin_avg_pool, pyramid_pooling, reduction_conv_bn_relu, upsample_concat
 from psp_kernels.reference import SemsegPPM
 
@@ -131,15 +131,8 @@ def test_module_low_precision(backend, dtype, case, layout, training):
         return
     for m in (ours, oracle, eager):
         m.train(training)
-    x64 = make_x(n, c, h, w, layout=layout, device=backend.device)
-    x, x_eager = x64.to(dtype).requires_grad_(), x64.to(dtype).requires_grad_()
-    x_oracle = x.detach().double().requires_grad_()  # the oracle sees the same rounded input
-    out, out_eager, out_oracle = ours(x), eager(x_eager), oracle(x_oracle)
-    assert out.dtype == dtype
-    assert_low_precision_close(out, out_eager, out_oracle, "forward")
-    g = torch.randn_like(out_oracle).to(dtype)
-    out.backward(g), out_eager.backward(g), out_oracle.backward(g.double())
-    assert_low_precision_close(x.grad, x_eager.grad, x_oracle.grad, "grad x")
+    assert_module_low_precision_close(ours, eager, oracle, make_x(n, c, h, w, layout=layout, device=backend.device),
+                                      dtype)
     for (name, p), pe, po in zip(ours.named_parameters(), eager.parameters(), oracle.parameters()):
         assert_low_precision_close(p.grad, pe.grad, po.grad, f"grad {name}",
                                    **grad_factor(name, n, bins, training, dtype))

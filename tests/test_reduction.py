@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_low_precision_close, rand
+from helpers import assert_bits_independent_of_thread_count, assert_bitwise, assert_low_precision_close, rand
 from psp_kernels import reduction_conv_bn_relu, reference
 from psp_kernels.geometry import acc_dtype, packed_size
 
@@ -249,11 +249,6 @@ def run_all(device, dtype, param_dtype, training, small=False, c=64, r=384):
     return [out, bn_input, mean, var, *grads]
 
 
-def assert_bitwise(first, second, what):
-    assert len(first) == len(second)
-    for i, (a, b) in enumerate(zip(first, second)):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: result {i} differs"
-
 
 DETERMINISM_DTYPES = pytest.mark.parametrize(
     "dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
@@ -272,20 +267,15 @@ def test_bitwise_deterministic(backend, dtype, param_dtype, training):
 @modes
 @DETERMINISM_DTYPES
 def test_cpp_bits_independent_of_thread_count(backend, threads, dtype, param_dtype, training):
-    threads(2)
-    first = run_all("cpu", dtype, param_dtype, training)
-    threads(1)
-    assert_bitwise(first, run_all("cpu", dtype, param_dtype, training), "1 vs 2 threads")
+    assert_bits_independent_of_thread_count(threads, lambda: run_all("cpu", dtype, param_dtype, training))
 
 
 @pytest.mark.backends("cpp", devices=("cpu",))
 def test_cpp_bits_independent_of_thread_count_at_semseg_size(backend, threads):
     """C = 2048, R = 512: sizes where a multi-threaded BLAS GEMM changes bits with the thread count (the C++
     kernels use a fixed-order GEMM)."""
-    threads(2)
-    first = run_all("cpu", torch.float32, torch.float32, True, c=2048, r=512)
-    threads(1)
-    assert_bitwise(first, run_all("cpu", torch.float32, torch.float32, True, c=2048, r=512), "1 vs 2 threads")
+    assert_bits_independent_of_thread_count(
+        threads, lambda: run_all("cpu", torch.float32, torch.float32, True, c=2048, r=512))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_low_precision_close, make_x, rand
+from helpers import assert_bits_independent_of_thread_count, assert_bitwise, assert_low_precision_close, make_x, rand
 from psp_kernels import reference, upsample_concat
 from psp_kernels.geometry import packed_size
 
@@ -210,10 +210,6 @@ def run_all(device, dtype, layout, small=False):
     return [ops.upsample_concat(x, branches, list(B)), concat, ops.upsample_concat_backward(grad_out, list(B), c)]
 
 
-def assert_bitwise(first, second, what):
-    for i, (a, b) in enumerate(zip(first, second)):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: result {i} differs"
-
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -227,10 +223,7 @@ def test_bitwise_deterministic(backend, dtype, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_bits_independent_of_thread_count(backend, threads, dtype, layout):
-    threads(2)
-    first = run_all("cpu", dtype, layout)
-    threads(1)
-    assert_bitwise(first, run_all("cpu", dtype, layout), "1 vs 2 threads")
+    assert_bits_independent_of_thread_count(threads, lambda: run_all("cpu", dtype, layout))
 
 
 @pytest.mark.backends("cpp", devices=("cpu",))
