@@ -113,3 +113,26 @@ def assert_module_low_precision_close(ours, eager, oracle, x64: torch.Tensor, dt
     g = torch.randn_like(out_oracle).to(dtype)
     out.backward(g), out_eager.backward(g), out_oracle.backward(g.double())
     assert_low_precision_close(x.grad, x_eager.grad, x_oracle.grad, "grad x")
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def assert_close_to_oracle(got: torch.Tensor, low, oracle: torch.Tensor, what: str) -> None:
+    """float64: max-abs error within 1e-12 of the oracle's largest magnitude; otherwise the low-precision rule
+    (:func:`assert_low_precision_close`) with ``low`` as PyTorch's own result in ``got``'s dtype."""
+    assert got.shape == oracle.shape, f"{what}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
+    if got.dtype == torch.float64:
+        scale = max(oracle.abs().max().item(), 1e-30)
+        err = (got - oracle).abs().max().item()
+        assert err <= 1e-12 * scale, f"{what}: max error {err:.3g} > 1e-12 x {scale:.3g}"
+    else:
+        assert_low_precision_close(got, low, oracle, what)
+
+
+def assert_matches_oracle(got: torch.Tensor, low, oracle_fn, inputs, what: str) -> None:
+    """``got`` (computed from ``inputs`` in their dtype) against ``oracle_fn`` on the inputs cast to float64,
+    by :func:`assert_close_to_oracle`."""
+    oracle = oracle_fn(*[t.double() if isinstance(t, torch.Tensor) else t for t in inputs])
+    assert_close_to_oracle(got, low, oracle, what)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_low_precision_close, requires_cuda
+from helpers import assert_low_precision_close, memory_format, requires_cuda
 from psp_kernels import eager, folded_conv, reference, training_conv
 from psp_kernels.geometry import acc_dtype
 from psp_kernels.nn.conv import fold_bn, foldable, fused_conv_bn, fused_conv_bn_sequence
@@ -42,15 +42,11 @@ def _id(v):
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def memory_format(layout: str):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
-
 def make_inputs(n, c, o, h, w, k, stride, padding, dilation, dtype, layout, residual=True, seed=0, device="cpu"):
     """x [N, C, H, W], weight [O, C, k, k] (x's dtype, scaled to unit output variance), bias [O] (the
     accumulation dtype, as a folded BatchNorm's) and the residual [N, O, Ho, Wo] or None, in ``layout``."""
     g = torch.Generator().manual_seed(seed)
-    fmt = memory_format(layout)
+    fmt = memory_format(layout == "channels_last")
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
     weight = (torch.randn(o, c, k, k, generator=g, dtype=torch.float64) / (c * k * k) ** 0.5).to(dtype)
     weight = weight.contiguous(memory_format=fmt)
@@ -89,7 +85,7 @@ def test_folded_conv_matches_conv_chain_fp64(backend, shape, geometry, layout):
         out = folded_conv(x, weight, bias, res, stride, padding, dilation, relu)
         ref = oracle(x, weight, bias, res, stride, padding, dilation, relu)
         assert out.shape == ref.shape and out.dtype == torch.float64
-        assert out.is_contiguous(memory_format=memory_format(layout))
+        assert out.is_contiguous(memory_format=memory_format(layout == "channels_last"))
         assert nerr(out, ref) <= 1e-12, (residual, relu)
 
 
@@ -258,12 +254,13 @@ def test_eager_fp64(device, geometry):
                                                residual, device=device)
             args = (x, weight, bias, res, stride, padding, dilation, relu)
             out = eager.folded_conv(*args)
-            assert out.is_contiguous(memory_format=memory_format(layout))
+            assert out.is_contiguous(memory_format=memory_format(layout == "channels_last"))
             assert nerr(out, oracle(*args)) <= 1e-12
             bn_weight, bn_bias = bn_params(40, torch.float64, device=device)
             out, y, mean, var = eager.training_conv(x, weight, bn_weight, bn_bias, res, stride, padding, dilation,
                                                     relu, 1e-5)
-            assert out.is_contiguous(memory_format=memory_format(layout)) and y.dtype == torch.float64
+            assert out.is_contiguous(memory_format=memory_format(layout == "channels_last"))
+            assert y.dtype == torch.float64
             assert nerr(out, train_oracle(x, weight, bn_weight, bn_bias, res, stride, padding, dilation, relu)) <= 1e-12
 
 
@@ -486,7 +483,7 @@ def test_training_conv_matches_batchnorm_chain_fp64(backend, shape, geometry, la
         ref = ref + res if residual else ref
         ref = torch.relu(ref) if relu else ref
         assert nerr(out, ref) <= 1e-12 and out.dtype == torch.float64
-        assert out.is_contiguous(memory_format=memory_format(layout))
+        assert out.is_contiguous(memory_format=memory_format(layout == "channels_last"))
         g = torch.randn_like(ref)
         got = torch.autograd.grad(out, leaves, g)
         want = torch.autograd.grad(ref, [x, weight, bn.weight, bn.bias] + ([res] if residual else []), g)

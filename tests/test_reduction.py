@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_bits_independent_of_thread_count, assert_bitwise, assert_low_precision_close, rand
+from helpers import assert_bits_independent_of_thread_count, assert_bitwise, assert_close_to_oracle, rand
 from psp_kernels import reduction_conv_bn_relu, reference
 from psp_kernels.geometry import acc_dtype, packed_size
 
@@ -62,16 +62,6 @@ def f64(value):
     return value
 
 
-def assert_close(got, low, oracle, what):
-    """float64: 1e-12 normwise; otherwise the low-precision rule with ``low`` as PyTorch's own result."""
-    assert got.shape == oracle.shape, f"{what}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
-    if got.dtype == torch.float64:
-        scale = max(oracle.abs().max().item(), 1e-30)
-        err = (got - oracle).abs().max().item()
-        assert err <= 1e-12 * scale, f"{what}: max error {err:.3g} > 1e-12 x {scale:.3g}"
-    else:
-        assert_low_precision_close(got, low, oracle, what)
-
 
 def check_forward(got, pooled, params, bins, training):
     """``got`` = (out, bn_input, mean, var) of the forward on ``pooled`` and ``params``, against the oracle."""
@@ -86,7 +76,7 @@ def check_forward(got, pooled, params, bins, training):
     oracle = reference.reduction_conv_bn_relu(*map(f64, args))
     low = reference.reduction_conv_bn_relu(*args)
     for what, t, lo, o in zip(("out", "bn_input", "mean", "var"), got, low, oracle):
-        assert_close(t, lo, o, what)
+        assert_close_to_oracle(t, lo, o, what)
 
 
 def check_backward(backward, pooled, bn_input, mean, var, params, bins, training):
@@ -109,7 +99,7 @@ def check_backward(backward, pooled, bn_input, mean, var, params, bins, training
     # the other bins' gradients.
     for what, t, lo, o in zip(("grad_pooled", "grad_conv_weights", "grad_bn_weights", "grad_bn_biases"),
                               got, low, oracle):
-        assert_close(t, lo, o, what)
+        assert_close_to_oracle(t, lo, o, what)
 
 
 def forward_inputs(case, dtype, param_dtype, device):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_bits_independent_of_thread_count, assert_bitwise, assert_low_precision_close, make_x, rand
+from helpers import (assert_bits_independent_of_thread_count, assert_bitwise, assert_matches_oracle, make_x,
+                     memory_format, rand)
 from psp_kernels import reference, upsample_concat
 from psp_kernels.geometry import packed_size
 
@@ -34,22 +35,6 @@ def case_id(case):
 
 per_backend_cases = pytest.mark.cases(CASES, interpreted=INTERPRETED, ids=case_id)
 
-
-def memory_format(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def assert_matches_oracle(got, low, oracle_fn, inputs, what):
-    """``got`` (computed from ``inputs`` in their dtype) against ``oracle_fn`` on the float64 inputs: 1e-12
-    (normwise) in float64, the low-precision rule otherwise with the reference at the inputs' dtype as
-    PyTorch's own result (``low``)."""
-    oracle = oracle_fn(*[t.double() if isinstance(t, torch.Tensor) else t for t in inputs])
-    assert got.shape == oracle.shape, what
-    if got.dtype == torch.float64:
-        scale = max(oracle.abs().max().item(), 1e-30)
-        assert (got - oracle).abs().max().item() <= 1e-12 * scale, what
-    else:
-        assert_low_precision_close(got, low, oracle, what)
 
 
 def check_forward(got, x, branches, bins, what="upsample_concat"):
