@@ -51,6 +51,16 @@ def build_parser() -> ConfigArgumentParser:
     return parser
 
 
+def image_writer(save_dir: Path, palette):
+    """``on_image(name, image, label, pred)`` for :func:`evaluate_dataset`: writes the colourised prediction
+    to ``save_dir/pred/<name>.png`` and its 50 % overlay on the image to ``save_dir/overlay/<name>.png``."""
+    def on_image(name, image, label, pred):
+        color = colorize(pred, palette)
+        write_rgb_png(save_dir / "pred" / f"{name}.png", color)
+        write_rgb_png(save_dir / "overlay" / f"{name}.png", overlay(image, color, 0.5))
+    return on_image
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, evaluate, return the exit code (0 = success; 2 = bad arguments)."""
     parser = build_parser()
@@ -77,15 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_dir = Path(args.save_dir) if args.save_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
     save_dir.mkdir(parents=True, exist_ok=True)
 
-    on_image = None
-    if not args.no_images:
-        palette = base.palette
-
-        def on_image(name, image, label, pred):
-            color = colorize(pred, palette)
-            write_rgb_png(save_dir / "pred" / f"{name}.png", color)
-            write_rgb_png(save_dir / "overlay" / f"{name}.png", overlay(image, color, 0.5))
-
+    on_image = None if args.no_images else image_writer(save_dir, base.palette)
     t0 = time.perf_counter()
     metrics = evaluate_dataset(model, dataset, cfg, scales=cfg.scales, flip=cfg.flip, on_image=on_image,
                                desc=f"eval {args.split}", progress=not args.no_progress)
