@@ -35,7 +35,7 @@ def cutlass_include() -> str:
         import cutlass_library
     except ImportError:
         raise SystemExit("building the CUDA kernels needs CUTLASS's headers: "
-                         "pip install --no-deps nvidia-cutlass==4.2.0.0") from None
+                         "pip install --no-deps -r requirements-cuda.txt") from None
     return os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
 
 

@@ -19,7 +19,7 @@ setup() {
     fi
     "$PY" -m pip install --quiet -r requirements.txt
     # CUTLASS's headers for csrc/cuda/conv.cu (header-only: its Python tooling's dependencies are not needed)
-    "$PY" -m pip install --quiet --no-deps nvidia-cutlass==4.2.0.0
+    "$PY" -m pip install --quiet --no-deps -r requirements-cuda.txt
     # Builds psp_kernels._C in place; --no-deps keeps pip away from torch. Skipped when the package is
     # installed and the built extension is newer than every C++ source and setup.py.
     local so
