@@ -34,12 +34,6 @@ from torch.utils import cpp_extension
 
 from psp_kernels import triton as tri
 from psp_kernels.dispatch import KERNEL_TABLE
-from psp_kernels.triton import conv as tconv
-from psp_kernels.triton import head as thead
-from psp_kernels.triton import pooling as tpool
-from psp_kernels.triton import reduction as treduction
-from psp_kernels.triton import upsample as tup
-from psp_kernels.triton.common import SIG_DTYPE
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -254,22 +248,17 @@ def test_every_cpp_candidate_is_registered():
 # Triton: the kernel registry and the launch geometry at full size
 # --------------------------------------------------------------------------------------------------
 
-_MODULE_KERNELS = {
-    tpool: ("_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"),
-    treduction: ("_reduction_fwd_kernel", "_bn_bwd_kernel", "_dgrad_kernel", "_wgrad_kernel"),
-    tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
-    thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
-            "_sum_rows_kernel", "_head_bwd_kernel"),
-    tconv: ("_conv_fwd_kernel", "_merge_tiles_kernel", "_bn_act_kernel", "_bn_act_bwd_sums_kernel", "_sum_rows_kernel",
-            "_bn_act_bwd_kernel"),
-}
+@pytest.fixture(scope="module")
+def resources(load_bench):
+    """``bench/gpu_resources.py``: the kernel list per module, the launch recorder and the launch driver."""
+    return load_bench("gpu_resources")
 
 
-def test_triton_registry_lists_every_kernel():
+def test_triton_registry_lists_every_kernel(resources):
     import triton
 
     registered_names = {e.name for e in tri.KERNELS}
-    for module, names in _MODULE_KERNELS.items():
+    for module, names in resources.MODULE_KERNELS.items():
         found = {k for k, v in vars(module).items() if k.endswith("_kernel")
                  and isinstance(v, (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction))}
         assert found == set(names) and found <= registered_names, (module.__name__, found, registered_names)
@@ -281,84 +270,24 @@ def test_triton_registry_lists_every_kernel():
         assert any("*fp32" in c.signature.values() for c in e.configs), e.name
 
 
-class _Recorder:
-    def __init__(self, name, calls):
-        self.name, self.calls = name, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.calls.append((self.name, grid, args, kw))
-
-
-def _launch_matches(cfg, args, kw):
-    """A registered config with exactly the launch's constexprs, num_warps and pointer dtypes."""
-    sig = list(cfg.signature.values())
-    ptr_ok = all(sig[i] == "*" + SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "DOT_UPCAST")}
-    return (ptr_ok and cfg.num_warps == kw["num_warps"] and cfg.num_stages == kw.get("num_stages", cfg.num_stages)
-            and all(cfg.constexprs.get(k) == v for k, v in consts.items()))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("n,hw", [(16, 90), (1, 60), (8, 61)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_triton_full_size_launch_geometry(monkeypatch, dtype, n, hw, channels_last):
+def test_triton_full_size_launch_geometry(resources, dtype, n, hw, channels_last):
     """N=16, C=2048, R=512 at 90x90 (and N=1 at 60x60, N=8 at 61x61) on meta tensors with the kernels
-    stubbed: every grid is within CUDA limits and every launch uses a config the compile test builds."""
-    calls = []
-    for module, names in _MODULE_KERNELS.items():
-        for name in names:
-            monkeypatch.setattr(module, name, _Recorder(name, calls))
-    c, r, bins = 2048, 512, (1, 2, 3, 6)
-    meta = dict(device="meta", dtype=dtype)
-    acc = dict(device="meta", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    x = torch.empty(n, c, hw, hw, **meta)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    pooled = torch.empty(n, c, 50, **meta)
-    ws = [torch.empty(r, c, 1, 1, **meta) for _ in bins]
-    vs = [torch.empty(r, **meta) for _ in bins]
-    tri.multibin_avg_pool(x, bins)
-    tri.multibin_avg_pool_backward(pooled, bins, hw, hw, channels_last)
-    _, concat = tri.multibin_avg_pool_with_concat(x, bins, c + 4 * r)
-    tri.multibin_avg_pool_backward_add(pooled, bins, concat[:, :c], channels_last)
-    tri.upsample_into(concat, torch.empty(n, r, 50, **meta), bins, c)
-    for training in (True, False):
-        tri.reduction_conv_bn_relu(pooled, ws, vs, vs, vs, vs, bins, training, 1e-5)
-        tri.reduction_conv_bn_relu_backward(torch.empty(n, r, 50, **meta), pooled, torch.empty(n, r, 50, **acc), ws,
-                                            vs, vs, torch.empty(4, r, **acc), torch.empty(4, r, **acc), bins, training,
-                                            1e-5)
-    up = tri.upsample_concat(x, torch.empty(n, r, 50, **meta), bins)
-    tri.upsample_concat_backward(up, bins, c)
-    y = torch.empty(n, r, hw, hw, **meta)                    # the concat-free head's epilogue, O = 512
-    y = y.contiguous(memory_format=torch.channels_last) if channels_last else y
-    u, bw, o_vec = torch.empty(n, r, hw, 36, **acc), torch.empty(hw, 36, **acc), torch.empty(r, **acc)
-    for training in (True, False):
-        _, z, _, _ = tri.add_branch_bn_relu(y, u, bw, o_vec, o_vec, o_vec, o_vec, training, 1e-5, True)
-        tri.add_branch_bn_relu_backward(torch.empty(n, r, hw, hw, **meta), z, bw, o_vec, o_vec, o_vec, o_vec,
-                                        training, 1e-5)
-    tri.add_branch_bn_relu(y, u, bw, o_vec, o_vec, o_vec, o_vec, False, 1e-5, False)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for c_in, o, k, stride, dil, has_res, relu in ((3, 64, 3, 2, 1, False, True), (128, 64, 1, 1, 1, False, True),
-                                                   (512, 256, 1, 1, 1, False, True), (256, 256, 3, 1, 2, False, True),
-                                                   (512, 512, 3, 1, 4, False, True), (512, 2048, 1, 1, 1, True, True),
-                                                   (1024, 2048, 1, 1, 1, False, False), (3, 64, 7, 2, 1, False, True)):
-        xc = torch.empty(n, c_in, hw, hw, **meta).contiguous(memory_format=fmt)  # the backbone's conv shapes
-        res = torch.empty(n, o, hw, hw, **meta) if has_res else None
-        wc = torch.empty(o, c_in, k, k, **meta).contiguous(memory_format=fmt)
-        s = 1 if has_res else stride
-        tri.folded_conv(xc, wc, torch.empty(o, **acc), res, s, dil * (k // 2), dil, relu)
-        vec = torch.empty(o, **acc)                                              # training: conv + statistics
-        out, y, mean, var = tri.training_conv(xc, wc, vec, vec, res, s, dil * (k // 2), dil, relu, 1e-5)
-        tri.training_conv_bn_backward(torch.empty_like(out), y, out, vec, vec, mean, var, relu, 1e-5, has_res)
+    stubbed (``gpu_resources.drive_launchers``): every grid is within CUDA limits and every launch uses a
+    config the compile test builds."""
+    with resources.recording() as calls:
+        resources.drive_launchers(dtype, n, hw, channels_last)
 
     nested = {"_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"}     # 60, 90: nested; 61: general path
-    expected = {k for v in _MODULE_KERNELS.values() for k in v} - (nested if hw % 6 else {"_pool_fwd_kernel",
-                                                                                         "_pool_bwd_kernel"})
+    expected = {k for v in resources.MODULE_KERNELS.values() for k in v} - (
+        nested if hw % 6 else {"_pool_fwd_kernel", "_pool_bwd_kernel"})
     assert {name for name, *_ in calls} == expected
     entries = {e.name: e for e in tri.KERNELS}
     for name, grid, args, kw in calls:
         assert 1 <= grid[0] < 2 ** 31 and all(1 <= g < 65536 for g in grid[1:]), (name, grid)
-        assert any(_launch_matches(cfg, args, kw) for cfg in entries[name].configs), (name, kw)
+        assert resources.launch_config(entries[name], args, kw) is not None, (name, kw)
 
 
 # --------------------------------------------------------------------------------------------------
