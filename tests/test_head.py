@@ -472,6 +472,35 @@ def run_epilogue(device, dtype=torch.float32):
     return [out, bn_input, mean, var, *back]
 
 
+@pytest.mark.backends("triton", devices=("cpu",))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_epilogue_bytes_moved_within_the_byte_model(backend, layout, training):
+    """The Triton epilogue's loads and stores, counted in the interpreter (tests/byte_counter.py), with
+    Y = bytes of conv_out and B = bytes of branch_rows (both activation-sized), bn_input kept for backward:
+    forward eval Y + B read, out and bn_input written (3Y + B); training needs the batch statistics before
+    it normalises, so bn_input is written in the first pass and read in the second (4Y + B); backward
+    reads grad_out and bn_input for the per-channel sums, then again to write grad_bn_input and
+    grad_branch_rows (5Y + B). Eval's backward uses the same two passes, although it needs no sums before
+    grad_bn_input (3Y + B would do)."""
+    from byte_counter import counting
+    conv_out, branch_rows, width_interp, bn = epilogue_inputs((2, 16, 12, 24, 36), torch.float32, layout, "cpu")
+    y, b = (t.numel() * t.element_size() for t in (conv_out, branch_rows))
+
+    def moved(launches):
+        return sum(launch.traffic(min(y, b) // 2)[0] for launch in launches)
+    with counting() as launches:
+        out, bn_input, mean, var = torch.ops.psp.add_branch_bn_relu(conv_out, branch_rows, width_interp, *bn,
+                                                                     training, EPS, True)
+    forward = moved(launches)
+    assert forward <= (4 if training else 3) * y + b, f"forward: {(forward - b) / y:.3f} Y + B"
+    with counting() as launches:
+        torch.ops.psp.add_branch_bn_relu_backward(torch.randn_like(out), bn_input, width_interp, bn[0], bn[1], mean,
+                                                  var, training, EPS)
+    backward = moved(launches)
+    assert backward <= 5 * y + b, f"backward: {(backward - b) / y:.3f} Y + B"
+
+
 @epilogue_backends
 def test_epilogue_bitwise_deterministic(backend):
     assert_bitwise(run_epilogue(backend.device), run_epilogue(backend.device), "two runs")

@@ -355,6 +355,39 @@ LAUNCH_CASES = [(2048, torch.bfloat16, torch.bfloat16, "nchw"), (256, torch.bflo
                 (256, torch.bfloat16, torch.float32, "channels_last")]
 
 
+@pytest.mark.backends("triton", devices=("cpu",))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("size", [(24, 24), (13, 17)], ids=["nested-24x24", "general-13x17"])
+def test_bytes_moved_within_the_byte_model(backend, layout, size):
+    """The Triton kernels' loads and stores, counted in the interpreter (tests/byte_counter.py), against the
+    PPM byte model (docs/ppm_byte_model.md; P = bytes of x, R = C/4 so the concat is 2P): the forward moves at
+    most 3P of activation-sized tensors (x read once, the concat written once), the backward at most 3P
+    (the branch half of the concat's gradient and its pass-through half read once, grad x written once).
+    The small tensors (pooled maps, weights, branches at bin resolution, tables) stay in cache: the model
+    leaves them out (at C=2048, 60x60 they are about 1 % of P); the message reports their distinct bytes."""
+    from byte_counter import counting
+    n, c = 2, 16
+    ppm = make_ppm(c, BINS, dtype=torch.float32)[0]
+    x = make_x(n, c, *size, dtype=torch.float32, layout=layout)
+    p = x.numel() * x.element_size()
+
+    def moved(launches):
+        large, small = (sum(t) for t in zip(*(launch.traffic(p // 2) for launch in launches)))
+        return large / p, small / p
+    ppm.eval()
+    with torch.no_grad(), counting() as launches:
+        ppm(x)
+    large, small = moved(launches)
+    assert large <= 3.0, f"forward: {large:.3f}P activation-sized (+ {small:.3f}P small)"
+    ppm.train()
+    xg = x.clone().requires_grad_()
+    out = ppm(xg)
+    with counting() as launches:
+        out.backward(torch.randn_like(out))
+    large, small = moved(launches)
+    assert large <= 3.0, f"backward: {large:.3f}P activation-sized (+ {small:.3f}P small)"
+
+
 @pytest.mark.backends("triton", "cuda", devices=("cuda",))
 @pytest.mark.cases(LAUNCH_CASES, interpreted=[], ids=lambda s: f"C{s[0]}-{str(s[2])[6:]}-{s[3]}")
 def test_eval_forward_at_most_4_launches(backend, case):
