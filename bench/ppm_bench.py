@@ -77,7 +77,8 @@ DEFAULTS = {  # per device type: impls, batch, size, dtype
 }
 BASELINES = ("eager_nchw", "eager_cl", "compile")
 ROW_KEYS = ("suite", "case", "impl", "backend", "N", "C", "H", "W", "dtype", "layout", "graph", "status", "error",
-            "median_ms", "p20_ms", "p80_ms", "rounds", "model_bytes", "gbps", "pct_copy_bw", "copy_bw_gbps",
+            "median_ms", "p20_ms", "p80_ms", "rounds", "model_bytes", "predicted_ms", "gbps", "pct_copy_bw",
+            "copy_bw_gbps",
             *(f"speedup_vs_{b}" for b in BASELINES), "rel_err", "rel_err_parts", "deterministic_bitwise",
             "launches", "peak_mem_bytes")
 
@@ -310,7 +311,7 @@ def run_case(prepared: dict[str, Prepared], oracle, cfg: Config, case: str, trai
         speedups = {f"speedup_vs_{b}": times[b, False]["median_ms"] / t["median_ms"] if (b, False) in times
                     else None for b in BASELINES}
         rows.append(new_row(cfg, case, prepared[name].impl, graph, status="ok", **t, model_bytes=model_bytes,
-                            gbps=gbps, pct_copy_bw=100 * gbps / copy_bw, copy_bw_gbps=copy_bw, **speedups,
+                            predicted_ms=model_bytes / (copy_bw * 1e9) * 1e3, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw, copy_bw_gbps=copy_bw, **speedups,
                             **checked[name, graph]))
     return rows
 
@@ -424,14 +425,16 @@ def fmt(value, spec: str = ".4g") -> str:
 def md_row(r: dict) -> str:
     peak_mb = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20
     cells = [r["case"], config_label(r), r["impl"], r["backend"], r["layout"], fmt(r["graph"]),
-             f"{fmt(r['median_ms'])} ({fmt(r['p20_ms'])}-{fmt(r['p80_ms'])})", fmt(r["gbps"], ".1f"),
+             f"{fmt(r['median_ms'])} ({fmt(r['p20_ms'])}-{fmt(r['p80_ms'])})", fmt(r["predicted_ms"]),
+             fmt(r["gbps"], ".1f"),
              fmt(r["pct_copy_bw"], ".1f"), *(fmt(r[f"speedup_vs_{b}"], ".2f") for b in BASELINES),
              fmt(r["rel_err"], ".1e"), fmt(r["deterministic_bitwise"]), fmt(r["launches"], "d"), fmt(peak_mb, ".1f")]
     return "| " + " | ".join(cells) + " |\n"
 
 
 def markdown(rows: list[dict], env: dict, checks: list[dict]) -> str:
-    columns = ["case", "config", "impl", "backend", "layout", "graph", "median ms (p20-p80)", "GB/s", "% copy BW",
+    columns = ["case", "config", "impl", "backend", "layout", "graph", "median ms (p20-p80)", "model ms", "GB/s",
+               "% copy BW",
                "x eager NCHW", "x eager CL", "x compile", "rel err", "same bits", "launches", "peak MB"]
     head = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n"
     body = "".join(md_row(r) for r in rows if r["status"] == "ok")
@@ -443,7 +446,8 @@ def markdown(rows: list[dict], env: dict, checks: list[dict]) -> str:
         for c in checks)
     meta = ", ".join(f"{k} {v}" for k, v in env.items() if k != "copy_bw_gbps")
     return (f"{head}{body}\nSpeedups are against the baselines' non-graph rows of the same case and config. "
-            f"Copy bandwidth (read+write) {env['copy_bw_gbps']:.1f} GB/s.\n\n{meta}\n"
+            f"Copy bandwidth (read+write) {env['copy_bw_gbps']:.1f} GB/s; model ms = the modelled bytes (3P "
+            f"forward, 6P forward+backward) at that bandwidth.\n\n{meta}\n"
             + (f"\nNot timed:\n\n{not_timed}" if not_timed else "") + f"\nTargets:\n\n{check_lines}")
 
 

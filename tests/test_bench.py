@@ -11,8 +11,8 @@ N, C, SIZE = 2, 64, 12
 P = N * C * SIZE * SIZE * 4  # bytes of x, fp32
 TIMED = ("eager_nchw", "eager_cl", "fused_cpp")
 FIELDS = {"suite", "case", "impl", "backend", "N", "C", "H", "W", "dtype", "layout", "graph", "status", "error",
-          "median_ms", "p20_ms", "p80_ms", "rounds", "model_bytes", "gbps", "pct_copy_bw", "copy_bw_gbps",
-          "speedup_vs_eager_nchw", "speedup_vs_eager_cl", "speedup_vs_compile", "rel_err", "rel_err_parts",
+          "median_ms", "p20_ms", "p80_ms", "rounds", "model_bytes", "predicted_ms", "gbps", "pct_copy_bw",
+          "copy_bw_gbps", "speedup_vs_eager_nchw", "speedup_vs_eager_cl", "speedup_vs_compile", "rel_err", "rel_err_parts",
           "deterministic_bitwise", "launches", "peak_mem_bytes"}
 POSITIVE = ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_copy_bw", "copy_bw_gbps", "speedup_vs_eager_nchw",
             "speedup_vs_eager_cl")
@@ -49,6 +49,8 @@ def test_timed_rows(results):
         assert r["rounds"] == 1
         assert r["model_bytes"] == (3 if r["case"] == "fwd" else 6) * P
         assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["predicted_ms"] == pytest.approx(r["model_bytes"] / (r["copy_bw_gbps"] * 1e9) * 1e3)
+        assert r["predicted_ms"] / r["median_ms"] == pytest.approx(r["pct_copy_bw"] / 100)
         assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / r["copy_bw_gbps"])
         assert r["speedup_vs_compile"] is None  # --no-compile
         assert 0 <= r["rel_err"] < 1e-5, r
