@@ -326,3 +326,39 @@ def test_backend_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PSP_KERNELS_BACKEND": "reference"}).stdout
     assert out.split() == ["reference", "reference"]
+
+
+def test_cuda_router_enters_the_tensors_device(monkeypatch):
+    """Every CUDA kernel of every op runs inside ``torch.cuda.device(<the first tensor's device>)``, so Triton
+    launches, CUDA events and the current stream belong to the tensors' GPU and not to the current one
+    (checked without a GPU: the device context and the candidate are recorded)."""
+    entered, ran = [], []
+
+    class Enter:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Enter)
+    monkeypatch.setattr(dispatch, "_run", lambda name, device, tensor, args: ran.append((name, entered[-1:])))
+    x = torch.empty(2, 3, device="meta")
+    for op in sorted(KERNEL_TABLE):
+        entered.clear()
+        dispatch._router(op, "cuda")(1, x)
+        assert entered == [x.device, "exit"] and ran[-1] == (op, [x.device]), op
+    entered.clear()
+    dispatch._router("multibin_avg_pool", "cpu")(x)
+    assert entered == [] and ran[-1] == ("multibin_avg_pool", [])
+
+
+def test_weights_on_another_device_than_x_are_named():
+    x = torch.randn(1, 8, 6, 6)
+    weights = [torch.randn(2, 8, 1, 1, device="meta") for _ in range(4)]
+    vectors = [torch.randn(2) for _ in range(4)]
+    with pytest.raises(RuntimeError, match=r"conv_weights\[0\] is on meta but the input is on cpu"):
+        psp_kernels.pyramid_pooling(x, weights, vectors, vectors, vectors, vectors)
