@@ -262,8 +262,28 @@ def _compile_star(args):
     return compile_one(*args)
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """Per (kernel, cc): specialisations, worst registers, spills and occupancy, and the fewest tensor-core
+    instructions of its fp32 and its bf16/fp16 specialisations."""
+    lines = ["| kernel | cc | specialisations | max regs | max spill B | min occupancy % | min mma+wgmma fp32 | "
+             "min mma+wgmma bf16/fp16 |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["kernel"], r["cc"]), []).append(r)
+    for (kernel, cc), rs in sorted(groups.items()):
+        def fewest(dtypes):
+            counts = [r["mma"] + r["wgmma"] for r in rs if any(f"/{d}/" in r["config"] + "/" for d in dtypes)]
+            return str(min(counts)) if counts else "-"
+        lines.append(f"| {kernel} | {cc} | {len(rs)} | {max(r['registers'] for r in rs)} | "
+                     f"{max(r['spill_store_bytes'] for r in rs)} | {100 * min(r['occupancy'] for r in rs):.1f} | "
+                     f"{fewest(['fp32'])} | {fewest(['bf16', 'fp16'])} |")
+    return lines
+
+
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = ["| kernel | config | cc | warps | regs | spill st/ld B | shared KiB | occupancy % | mma | wgmma | "
+    lines = ["Summary per kernel:", "", *summary(rows), "", "Every specialisation:", "",
+             "| kernel | config | cc | warps | regs | spill st/ld B | shared KiB | occupancy % | mma | wgmma | "
              "launches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["cc"], str(r["divisible"]))):
         launches = f"{len(r['launches'])}: {r['launches'][0]}" + (" ..." if len(r["launches"]) > 1 else "")
