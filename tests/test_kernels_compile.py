@@ -7,7 +7,10 @@
   when nvcc is not found.
 - Triton: every kernel in ``psp_kernels.triton.KERNELS`` compiles for sm_80 and sm_90 with
   ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every config its launcher can
-  pick, within the shared-memory limit; every launch at full size (N=16, C=2048, 90x90 and others, on
+  pick, within the shared-memory limit, with the specialisation a real launch of that config gets where
+  one is recorded at N=16 90x90, N=1 60x60 or N=8 61x61 (``bench/gpu_resources.py``: 16-byte aligned
+  pointers and ints divisible by 16 as ``tt.divisibility=16``, ints equal to 1 as constants; the binary
+  the JIT would build, not a generic one); every launch at full size (N=16, C=2048, 90x90 and others, on
   meta tensors with the kernels stubbed) is within CUDA's grid limits and uses a config that is compiled.
   In interpreter mode ``@triton.jit`` yields interpreter objects that cannot be compiled, so the compiles
   run in two background subprocesses without ``TRITON_INTERPRET``, started by the module's first test.
@@ -56,16 +59,27 @@ import json, os, sys, traceback
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
+import torch
 from psp_kernels.triton import KERNELS
+sys.path.insert(0, "bench")
+import gpu_resources
 shard, nshards = int(sys.argv[1]), int(sys.argv[2])
+# per config, the specialisation of a real launch (aligned pointers, ints divisible by 16, ints equal to 1)
+launched = {}
+for spec in gpu_resources.collect(shapes=((16, 90), (1, 60), (8, 61)),
+                                  dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    launched.setdefault((spec["kernel"], spec["config"]), spec)
 items = [(e, c, cc) for e in KERNELS for c in e.configs for cc in (80, 90)]
 out = []
 for i, (e, cfg, cc) in enumerate(items):
     if i % nshards != shard:
         continue
-    rec = {"kernel": e.name, "config": cfg.name, "cc": cc}
+    spec = launched.get((e.name, cfg.name))
+    rec = {"kernel": e.name, "config": cfg.name, "cc": cc, "launch_specialised": spec is not None}
+    signature, constexprs, attrs = ((spec["signature"], spec["constexprs"], spec["attrs"]) if spec
+                                    else (cfg.signature, cfg.constexprs, {}))
     try:
-        k = triton.compile(ASTSource(fn=e.fn, signature=cfg.signature, constexprs=cfg.constexprs),
+        k = triton.compile(ASTSource(fn=e.fn, signature=signature, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", cc, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.options))
         rec["shared"] = int(k.metadata.shared)
@@ -303,6 +317,7 @@ def test_triton_compiles(compile_job, kernel, cc):
     entry = next(e for e in tri.KERNELS if e.name == kernel)
     recs = {r["config"]: r for r in compile_job.results() if r["kernel"] == kernel and r["cc"] == cc}
     assert set(recs) == {c.name for c in entry.configs}
+    assert any(r["launch_specialised"] for r in recs.values()), f"{kernel}: no config compiled as launched"
     errors = {name: r["error"] for name, r in recs.items() if "error" in r}
     assert not errors, "\n\n".join(f"{k}:\n{v}" for k, v in errors.items())
     over = {name: r["shared"] for name, r in recs.items() if r["shared"] > _SHARED_LIMIT[cc]}
