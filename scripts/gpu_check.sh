@@ -49,12 +49,19 @@ PY
 if [ -n "$missing" ]; then
     echo "gpu_check: installing" $missing
     # shellcheck disable=SC2086
-    "$PY" -m pip install --quiet --no-deps "${pip_from[@]}" $missing
+    if ! "$PY" -m pip install --quiet --no-deps "${pip_from[@]}" $missing; then
+        echo "gpu_check: could not install" $missing "(offline? put their wheels in .whl/:" \
+             "pip download --no-deps <requirement> -d .whl)" >&2
+        exit 1
+    fi
 fi
 
 start=$SECONDS
 echo "gpu_check: building the extension with its CUDA kernels"
-MAX_JOBS=$(nproc) "$PY" -m pip install --quiet --no-build-isolation --no-deps --no-index -e .
+if ! MAX_JOBS=$(nproc) "$PY" -m pip install --quiet --no-build-isolation --no-deps --no-index -e .; then
+    echo "gpu_check: the extension did not build (the compiler's messages are above)" >&2
+    exit 1
+fi
 echo "gpu_check: built in $((SECONDS - start)) s"
 
 exec "$PY" bench/gpu_check.py --out "$out" --seconds $((budget - SECONDS))
