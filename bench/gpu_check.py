@@ -219,11 +219,11 @@ def main(argv=None) -> int:
                         f"compiled kernels missing for {device.type}: {missing}" if missing
                         else "every compiled kernel registered", ["environment.json"]))
 
-    tests = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-k", device.type,
+    where, selection = (("tests/test_pooling.py", f"test_forward and {device.type}-reference") if args.small
+                        else ("tests", device.type))
+    tests = [sys.executable, "-m", "pytest", where, "-q", "-p", "no:cacheprovider", "-k", selection,
              "--durations=10"]
-    if args.small:
-        tests[3:4], tests[8] = ["tests/test_pooling.py"], f"test_forward and {device.type}-reference"
-    else:
+    if not args.small:
         tests += ["--triton", "compiled"]
         if importlib.util.find_spec("xdist") is not None:   # Triton's JIT compiles are CPU-bound: 8 workers
             tests += ["-n", "8"]

@@ -234,20 +234,29 @@ def occupancy(registers: int, shared: int, num_warps: int, cc: int) -> float:
     return blocks * num_warps / sm["warps"]
 
 
-def compile_one(spec: dict, cc: int) -> dict:
-    """Compile one specialisation for ``cc``; the row of the table (or the error)."""
-    os.environ.pop("TRITON_INTERPRET", None)
+def compile_config(entry, cfg, cc: int, spec: dict | None = None):
+    """``triton.compile`` of config ``cfg`` of registry entry ``entry`` for ``cc``: with the specialisation
+    ``spec`` of a recorded launch (from :func:`collect`), else generic (the config's own signature). Needs a
+    process without ``TRITON_INTERPRET`` (the interpreter's kernels cannot be compiled)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    signature, constexprs, attrs = ((spec["signature"], spec["constexprs"], spec["attrs"]) if spec
+                                    else (cfg.signature, cfg.constexprs, {}))
+    return triton.compile(ASTSource(fn=entry.fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.options))
+
+
+def compile_one(spec: dict, cc: int) -> dict:
+    """Compile one specialisation for ``cc``; the row of the table (or the error)."""
+    os.environ.pop("TRITON_INTERPRET", None)
     entry = next(e for e in tri.KERNELS if e.name == spec["kernel"])
     cfg = next(c for c in entry.configs if c.name == spec["config"])
     row = dict(kernel=spec["kernel"], config=spec["config"], cc=cc, num_warps=cfg.num_warps,
                divisible=sorted(i[0] for i in spec["attrs"]), launches=spec["launches"])
     try:
-        k = triton.compile(ASTSource(fn=entry.fn, signature=spec["signature"], constexprs=spec["constexprs"],
-                                     attrs=spec["attrs"]), target=GPUTarget("cuda", cc, 32),
-                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.options))
+        k = compile_config(entry, cfg, cc, spec)
     except Exception as err:  # noqa: BLE001 - a failing compile is a row of the table
         return dict(row, error=f"{type(err).__name__}: {err}"[:500])
     ptx = k.asm["ptx"]

@@ -22,6 +22,7 @@ class Launch:
     the distinct addresses."""
     kernel: str
     spans: list = field(default_factory=list)        # (start, end, argument index), sorted by start
+    starts: np.ndarray = field(default=None)          # the spans' starts, for the address lookup
     accessed: dict = field(default_factory=dict)     # (index, "load" | "store") -> bytes accessed
     addresses: dict = field(default_factory=dict)    # (index, "load" | "store") -> list of address arrays
 
@@ -64,8 +65,7 @@ def counting():
         addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64).ravel()
         if not addresses.size:
             return
-        starts = np.array([s for s, _, _ in launch.spans], dtype=np.uint64)
-        slot = np.searchsorted(starts, addresses, side="right") - 1
+        slot = np.searchsorted(launch.starts, addresses, side="right") - 1
         for j in np.unique(slot):
             start, end, index = launch.spans[j]
             mine = addresses[slot == j]
@@ -84,7 +84,8 @@ def counting():
 
     def init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = original[2](self, args_dev, kwargs)
-        launches.append(Launch(self.fn.__name__, _tensor_spans(args_hst)))
+        spans = _tensor_spans(args_hst)
+        launches.append(Launch(self.fn.__name__, spans, np.array([s for s, _, _ in spans], dtype=np.uint64)))
         return args_hst, kwargs_hst
 
     builder.create_masked_load, builder.create_masked_store, executor._init_args_hst = load, store, init_args

@@ -56,9 +56,6 @@ def registered(path: Path) -> list[tuple[str, str]]:
 
 _COMPILE_SCRIPT = r"""
 import json, os, sys, traceback
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
 import torch
 from psp_kernels.triton import KERNELS
 sys.path.insert(0, "bench")
@@ -76,12 +73,8 @@ for i, (e, cfg, cc) in enumerate(items):
         continue
     spec = launched.get((e.name, cfg.name))
     rec = {"kernel": e.name, "config": cfg.name, "cc": cc, "launch_specialised": spec is not None}
-    signature, constexprs, attrs = ((spec["signature"], spec["constexprs"], spec["attrs"]) if spec
-                                    else (cfg.signature, cfg.constexprs, {}))
     try:
-        k = triton.compile(ASTSource(fn=e.fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", cc, 32),
-                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.options))
+        k = gpu_resources.compile_config(e, cfg, cc, spec)
         rec["shared"] = int(k.metadata.shared)
     except Exception:
         rec["error"] = traceback.format_exc()[-3000:]
