@@ -1,7 +1,8 @@
 """Resource table of the Triton kernels as a GPU launch compiles them: registers, spills, shared memory,
 occupancy and tensor-core instructions, for sm_80 and sm_90, without a GPU.
 
-    python bench/gpu_resources.py [--cc 80 90] [--workers 2] [--out bench/results]
+    python bench/gpu_resources.py [--cc 80 90] [--workers 2] [--shapes 8:60] [--dtypes bf16] [--kernels _conv_fwd]
+                                  [--out bench/results]
 
 Every Triton launcher of ``psp_kernels.triton`` is driven at the benchmark shapes (PPM and head N=1/8/16 at
 60x60 and 90x90, C=2048, R=512; the PSPNet-50 backbone's conv shapes at the same N and sizes; fp32, fp16,
@@ -68,6 +69,10 @@ SHAPES = ((1, 60), (8, 60), (16, 60), (1, 90), (8, 90), (16, 90))
 
 #: the memory-bound kernels (streaming passes), for which occupancy matters most
 MEMORY_BOUND = ("_pool_", "_upsample_", "_bn_bwd_", "_head_norm_", "_head_bwd_", "_bn_act_", "_merge_", "_sum_rows_")
+
+#: constexprs a launch chooses at run time (the interpreter's upcast, the fp32 dots' TF32 policy): a config
+#: matches a launch whatever their values, and the launch's values are compiled
+LAUNCH_CHOSEN = ("DOT_UPCAST", "DOT_PRECISION")
 
 SM = {80: dict(regs=65536, smem=164 * 1024, warps=64, blocks=32),
       90: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32)}
@@ -150,7 +155,7 @@ def launch_config(entry, args, kw):
     for cfg in entry.configs:
         sig = list(cfg.signature.values())
         ptr_ok = all(sig[i] == "*" + SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "DOT_UPCAST")}
+        consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", *LAUNCH_CHOSEN)}
         if (ptr_ok and cfg.num_warps == kw["num_warps"] and cfg.num_stages == kw.get("num_stages", cfg.num_stages)
                 and all(cfg.constexprs.get(k) == v for k, v in consts.items())):
             return cfg
@@ -191,6 +196,7 @@ def collect(shapes=SHAPES, dtypes=(torch.float32, torch.float16, torch.bfloat16)
                     if cfg is None:
                         raise RuntimeError(f"{name}: a launch with no registered config: {kw}")
                     signature, constexprs, attrs = specialisation(cfg, args)
+                    constexprs.update({k: kw[k] for k in LAUNCH_CHOSEN if k in constexprs and k in kw})
                     key = json.dumps([name, cfg.name, signature, constexprs, sorted(map(str, attrs.items()))],
                                      default=str)
                     spec = found.setdefault(key, dict(kernel=name, config=cfg.name, signature=signature,
@@ -317,11 +323,16 @@ def main(argv=None) -> Path:
     p.add_argument("--cc", type=int, nargs="+", default=[80, 90], choices=sorted(SM))
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--shapes", default=None, help="N:H pairs, e.g. 1:13,2:12 (default: the benchmark shapes)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"], choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--kernels", nargs="+", default=None,
+                   help="compile only the kernels whose name contains one of these (default: all)")
     p.add_argument("--out", default=str(BENCH / "results"))
     args = p.parse_args(argv)
     shapes = (tuple(tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")) if args.shapes
               else SHAPES)
-    specs = collect(shapes)
+    by_name = {v: k for k, v in SIG_DTYPE.items()}
+    specs = [s for s in collect(shapes, tuple(by_name[d] for d in args.dtypes))
+             if not args.kernels or any(k in s["kernel"] for k in args.kernels)]
     jobs = [(spec, cc) for spec in specs for cc in args.cc]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = list(pool.map(_compile_star, jobs))
@@ -333,6 +344,7 @@ def main(argv=None) -> Path:
     stem = out / f"gpu_resources_{env['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(rows, env))
+    print("\n".join(summary(rows)))
     print(f"wrote {stem}.json/.md ({len(rows)} rows)")
     return stem.with_suffix(".json")
 

@@ -34,6 +34,17 @@ def dot_upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
+def conv_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``input_precision`` of a ``tl.dot`` that computes a convolution (the backbone convs, the PPM's 1x1
+    reduction convs, the head's 3x3 conv): ``"tf32"`` exactly when the eager cuDNN convolution it replaces
+    would use TF32 -- fp32 operands, a GPU tensor (``meta`` counts as one: the resource table records GPU
+    launches on meta tensors) and ``torch.backends.cudnn.allow_tf32`` (PyTorch's default: True); else
+    ``"ieee"`` (CPU tensors in the interpreter, the flag off). 16-bit and fp64 dots ignore it."""
+    if dtype == torch.float32 and device.type != "cpu" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def pow2(n: int, lo: int = 16) -> int:
     """Next power of two >= max(n, lo) (tl.dot needs every block dim >= 16)."""
     return max(lo, triton.next_power_of_2(max(1, n)))
