@@ -216,13 +216,15 @@ def bundled_ptxas(cc: int) -> str:
 
 
 def ptxas_usage(ptx: str, cc: int) -> dict:
-    """Registers and spill bytes from the bundled ``ptxas -v`` of ``ptx`` (the arch Triton targets)."""
+    """Registers and spill bytes from the bundled ``ptxas -v`` of ``ptx``, run as Triton's ``make_cubin`` runs
+    it (the arch it targets, ``-lineinfo``, ``--regAllocOptLevel=2``), so the numbers are the binary's."""
     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        log = subprocess.run([bundled_ptxas(cc), "-v", f"-arch={arch}", str(path), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run([bundled_ptxas(cc), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
+                              str(path), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True,
+                             check=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(registers=int(regs.group(1)) if regs else 0,
