@@ -272,6 +272,7 @@ def compile_one(spec: dict, cc: int) -> dict:
                mma=len(re.findall(r"\bmma\.sync\b", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)))
     row["occupancy"] = round(occupancy(row["registers"], row["shared_bytes"], cfg.num_warps, cc), 4)
     row["memory_bound"] = any(s in spec["kernel"] for s in MEMORY_BOUND)
+    row["tf32"] = spec["constexprs"].get("DOT_PRECISION") == "tf32"
     return row
 
 

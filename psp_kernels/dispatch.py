@@ -47,8 +47,25 @@ from .geometry import is_channels_last
 DEVICES = ("cpu", "cuda")
 CANDIDATES = ("cpp", "cuda", "triton", "reference", "eager")
 
+# Why each CUDA default (P = bytes of x, the backbone's output; the byte counts are tested, tests/byte_counter.py):
+# - pyramid pooling: the fused passes read x once and write the concat once: 3P forward (pool + copy into the
+#   concat, then the branches' upsampling into it) and 3P backward. The eager composition (the unfused module's
+#   own ATen calls, ``eager``) reads x once per bin and again for the concat: 9P forward at the four bins
+#   (pools 4P, branches written P, the concat reads 2P and writes 2P), over 8P backward, and one launch per
+#   bin and pass. A memory-bound fused pass at half eager's bytes cannot be
+#   slower at any size class but the launch-bound smallest (N=1 60x60: 4 fused launches against eager's 13),
+#   so fused Triton is the default, CUDA C++ next, eager then the reference (exact, fp32 copies on 16-bit).
+#   The 1x1 reduction convs work on bin-sized [N, C, 50] tensors: no eager twin (the reference is that ATen
+#   composition).
+# - the head's epilogue (add the branch term, BatchNorm, ReLU) reads the x-half conv output once where the
+#   unfused head's concat + 3x3 conv reads the upsampled concat (half its FLOPs and bytes are the branches):
+#   fused Triton by default.
+# - backbone convolutions: cuDNN (``eager``) until GPU measurements show a fused candidate faster: the conv
+#   itself is compute-bound and the fused gain is only the BatchNorm / residual / ReLU epilogue's bytes.
 _PPM_CPU = ("cpp", "reference", "triton")
 _PPM_CUDA = ("triton", "cuda", "reference")
+_MAP_CPU = ("cpp", "reference", "triton", "eager")       # the passes over x-sized maps: an eager twin too
+_MAP_CUDA = ("triton", "cuda", "eager", "reference")
 _HEAD = (("cpp", "reference", "triton"), ("triton", "reference"))
 
 #: op -> (CPU candidates, CUDA candidates); the first available one is the default.
@@ -56,21 +73,19 @@ KERNEL_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # pyramid pooling: psp_kernels/ops/{pooling,reduction,upsample}.py; the whole-PPM op (ops/ppm.py) is
     # multibin_avg_pool_with_concat -> reduction_conv_bn_relu -> upsample_into, and backward
     # upsample_concat_backward -> reduction_conv_bn_relu_backward -> multibin_avg_pool_backward_add
-    "multibin_avg_pool": (_PPM_CPU, _PPM_CUDA),
-    "multibin_avg_pool_backward": (_PPM_CPU, _PPM_CUDA),
-    "multibin_avg_pool_with_concat": (_PPM_CPU, _PPM_CUDA),
-    "multibin_avg_pool_backward_add": (_PPM_CPU, _PPM_CUDA),
+    "multibin_avg_pool": (_MAP_CPU, _MAP_CUDA),
+    "multibin_avg_pool_backward": (_MAP_CPU, _MAP_CUDA),
+    "multibin_avg_pool_with_concat": (_MAP_CPU, _MAP_CUDA),
+    "multibin_avg_pool_backward_add": (_MAP_CPU, _MAP_CUDA),
     "reduction_conv_bn_relu": (_PPM_CPU, _PPM_CUDA),
     "reduction_conv_bn_relu_backward": (_PPM_CPU, _PPM_CUDA),
-    "upsample_concat": (_PPM_CPU, _PPM_CUDA),
-    "upsample_concat_backward": (_PPM_CPU, _PPM_CUDA),
-    "upsample_into": (_PPM_CPU, _PPM_CUDA),
+    "upsample_concat": (_MAP_CPU, _MAP_CUDA),
+    "upsample_concat_backward": (_MAP_CPU, _MAP_CUDA),
+    "upsample_into": (_MAP_CPU, _MAP_CUDA),
     # the concat-free head's epilogue: psp_kernels/ops/head.py
     "add_branch_bn_relu": _HEAD,
     "add_branch_bn_relu_backward": _HEAD,
-    # backbone convolutions: psp_kernels/ops/conv.py. On CUDA eager (cuDNN in the input's dtype) is the
-    # default until GPU measurements show a fused candidate faster: the Triton conv computes fp32 with
-    # IEEE FMA where cuDNN uses TF32 tensor cores, and its training statistics merge is serial per tile.
+    # backbone convolutions: psp_kernels/ops/conv.py
     "folded_conv": (("cpp", "reference", "triton"), ("eager", "cuda", "triton", "reference")),
     "folded_conv_backward": (("eager",), ("eager",)),
     "training_conv": (("reference", "triton"), ("eager", "triton", "reference")),

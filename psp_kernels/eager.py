@@ -1,12 +1,21 @@
 """Eager ATen compositions in the input's dtype: what PyTorch itself runs for a kernel op.
 
-These are the ``eager`` candidates of :data:`psp_kernels.dispatch.KERNEL_TABLE`: the backbone
-convolutions through cuDNN (CUDA) or oneDNN in x's own dtype, which the reference does not do (it
-convolves in the accumulation dtype, exact but slower in fp16/bf16), and the convolution backward of
-every device. Each function has its op's schema.
+These are the ``eager`` candidates of :data:`psp_kernels.dispatch.KERNEL_TABLE`, the unfused modules' own
+ATen calls where they differ from the reference (which computes in the accumulation dtype: exact, but on
+16-bit inputs it reads and writes fp32 copies):
 
-Source: semseg ``model/resnet.py`` (conv, BatchNorm, ``out += residual``, ReLU); ATen's
-``convolution_backward``.
+- the pyramid pooling's passes over x-sized maps: ``adaptive_avg_pool2d`` per bin and its backward,
+  ``interpolate`` (bilinear, align_corners) per bin and its backward, the concat, in the map's dtype, the
+  per-bin gradients summed in that dtype as autograd sums them (semseg's ``PPM``);
+- the backbone convolutions through cuDNN (CUDA) or oneDNN in x's own dtype, and the convolution backward
+  of every device (semseg's ``model/resnet.py``: conv, BatchNorm, ``out += residual``, ReLU).
+
+The per-bin 1x1 reduction convs and the head's epilogue work on bin-sized tensors or on accumulation-dtype
+inputs; there the reference is already the ATen composition, and no eager twin is listed. Each function has
+its op's schema.
+
+Source: hszhao/semseg ``model/pspnet.py`` (``PPM``), ``model/resnet.py``; ATen's ``convolution_backward``,
+``_adaptive_avg_pool2d_backward``, ``upsample_bilinear2d_backward``.
 """
 
 from __future__ import annotations
@@ -16,8 +25,82 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import is_channels_last
-from .reference import batch_norm_residual_relu
+from .geometry import bin_offsets, is_channels_last
+from .reference import batch_norm_residual_relu, concat_buffer
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# --------------------------------------------------------------------------------------------------
+# Pyramid pooling (contracts: psp_kernels/reference.py)
+# --------------------------------------------------------------------------------------------------
+
+def multibin_avg_pool(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, b)`` per bin in x's dtype, packed: [N, C, S]."""
+    return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], dim=2)
+
+
+def multibin_avg_pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], height: int, width: int,
+                               channels_last: bool) -> torch.Tensor:
+    """ATen's adaptive-average-pooling backward per bin, summed in grad_pooled's dtype: [N, C, H, W]."""
+    n, c, _ = grad_pooled.shape
+    like = grad_pooled.new_empty(n, c, height, width).contiguous(memory_format=_memory_format(channels_last))
+    grad = None
+    for b, off in zip(bins, bin_offsets(bins)):
+        g = torch.ops.aten._adaptive_avg_pool2d_backward(grad_pooled[:, :, off:off + b * b].reshape(n, c, b, b),
+                                                         like)
+        grad = g if grad is None else grad.add_(g)
+    return grad.contiguous(memory_format=_memory_format(channels_last))
+
+
+def multibin_avg_pool_with_concat(x: torch.Tensor, bins: Sequence[int], total_channels: int):
+    """``(multibin_avg_pool(x), concat)``, concat holding x in its first C channels."""
+    return multibin_avg_pool(x, bins), concat_buffer(x, total_channels)
+
+
+def multibin_avg_pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int], residual: torch.Tensor,
+                                   channels_last: bool) -> torch.Tensor:
+    """``residual + multibin_avg_pool_backward(grad_pooled)`` in grad_pooled's dtype."""
+    _, _, h, w = residual.shape
+    grad = multibin_avg_pool_backward(grad_pooled, bins, h, w, channels_last).add_(residual)
+    return grad.contiguous(memory_format=_memory_format(channels_last))
+
+
+def _upsampled(branches: torch.Tensor, bins: Sequence[int], size, dtype: torch.dtype):
+    """Each bin's branches [N, R, b, b] upsampled to ``size`` (bilinear, align_corners=True) in ``dtype``."""
+    n, r, _ = branches.shape
+    return [F.interpolate(branches[:, :, off:off + b * b].reshape(n, r, b, b).to(dtype), size=size,
+                          mode="bilinear", align_corners=True) for b, off in zip(bins, bin_offsets(bins))]
+
+
+def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+    """``cat([x, interpolate(branch_b) ...])`` in x's dtype and memory format."""
+    out = torch.cat([x, *_upsampled(branches, bins, x.shape[2:], x.dtype)], dim=1)
+    return out.contiguous(memory_format=_memory_format(is_channels_last(x)))
+
+
+def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:
+    """ATen's bilinear-upsampling backward per bin in grad_out's dtype, packed: [N, R, S]."""
+    n, total, h, w = grad_out.shape
+    r = (total - channels) // len(bins)
+    grads = [torch.ops.aten.upsample_bilinear2d_backward(
+        grad_out[:, channels + k * r: channels + (k + 1) * r], [h, w], [n, r, b, b], True).reshape(n, r, b * b)
+        for k, b in enumerate(bins)]
+    return torch.cat(grads, dim=2)
+
+
+def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], channels: int) -> None:
+    """Each bin's upsampled branches written into ``concat[:, channels:]`` (concat's dtype), in place."""
+    r = branches.shape[1]
+    for k, up in enumerate(_upsampled(branches, bins, concat.shape[2:], concat.dtype)):
+        concat[:, channels + k * r: channels + (k + 1) * r] = up
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbone convolutions
+# --------------------------------------------------------------------------------------------------
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,

@@ -178,11 +178,17 @@ def multibin_avg_pool_with_concat(x: torch.Tensor, bins: Sequence[int], total_ch
     Returns ``(pooled [N, C, S], concat [N, total_channels, H, W])``: concat has x's dtype and memory
     format, ``concat[:, :C] == x``, and channels ``[C, total_channels)`` are uninitialised.
     """
+    return multibin_avg_pool(x, bins), concat_buffer(x, total_channels)
+
+
+def concat_buffer(x: torch.Tensor, total_channels: int) -> torch.Tensor:
+    """[N, total_channels, H, W] in x's dtype and memory format, x copied into its first C channels, the rest
+    uninitialised."""
     n, c, h, w = x.shape
     concat = torch.empty(n, total_channels, h, w, dtype=x.dtype, device=x.device,
                          memory_format=_memory_format(is_channels_last(x)))
     concat[:, :c].copy_(x)
-    return multibin_avg_pool(x, bins), concat
+    return concat
 
 
 def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[int], channels: int) -> None:

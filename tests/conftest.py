@@ -9,11 +9,12 @@ machine tests compiled Triton.
 Backends: a test that takes the ``backend`` fixture runs once per (device, kernel candidate) of the kernel
 table (``psp_kernels.dispatch``): on CPU tensors ``reference``, ``cpp`` (the compiled C++ kernels) and, when
 interpreting, ``triton``; on CUDA tensors ``reference``, ``triton`` and ``cuda`` (CUDA C++), skipped without
-a GPU. The fixture routes every op to that candidate (``psp_kernels.use_backend``) for the test's body.
+a GPU; in tests marked ``eager_twin`` also ``eager`` on both. The fixture routes every op to that candidate (``psp_kernels.use_backend``) for the test's body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -61,15 +62,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backends() -> list[Backend]:
-    """Every (device, candidate) the suite covers on this machine (CUDA ones are skipped without a GPU)."""
-    cpu = ["reference", "cpp"] + (["triton"] if interpreting() else [])
-    return [Backend("cpu", name) for name in cpu] + [Backend("cuda", name) for name in ("reference", "triton", "cuda")]
+def backends(eager: bool = False) -> list[Backend]:
+    """Every (device, candidate) the suite covers on this machine (CUDA ones are skipped without a GPU); with
+    ``eager`` also the eager ATen twin (``psp_kernels/eager.py``) of the ops that have one."""
+    cpu = ["reference", "cpp"] + (["triton"] if interpreting() else []) + (["eager"] if eager else [])
+    cuda = ["reference", "triton", "cuda"] + (["eager"] if eager else [])
+    return [Backend("cpu", name) for name in cpu] + [Backend("cuda", name) for name in cuda]
 
 
 def pytest_generate_tests(metafunc):
-    """Parametrise the ``backend`` fixture over :func:`backends`, or over the subset a
-    ``@pytest.mark.backends(*names, devices=(...))`` marker names (a test of one kernel family).
+    """Parametrise the ``backend`` fixture over :func:`backends` (the eager twins too in a module or test marked
+    ``eager_twin``), or over the subset a ``@pytest.mark.backends(*names, devices=(...))`` marker names (a test
+    of one kernel family).
 
     With ``@pytest.mark.cases(cases, interpreted=subset, ids=fn)`` the test's ``case`` argument is
     parametrised jointly with ``backend``: every backend runs ``cases`` except Triton in the interpreter,
@@ -77,7 +81,7 @@ def pytest_generate_tests(metafunc):
     compiled Triton on a GPU runs them all)."""
     if "backend" not in metafunc.fixturenames:
         return
-    chosen = backends()
+    chosen = backends(eager=metafunc.definition.get_closest_marker("eager_twin") is not None)
     marker = metafunc.definition.get_closest_marker("backends")
     if marker is not None:
         names = marker.args or {b.name for b in chosen}
@@ -98,12 +102,17 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def backend(request):
-    """The (device, candidate) of this test case, in force for the test's body."""
+    """The (device, candidate) of this test case, in force for the test's body. On CUDA the body runs with
+    ``torch.backends.cudnn.allow_tf32`` off: fp32 convolutions then run in IEEE fp32, in the kernels (see
+    ``conv_dot_precision``) as in cuDNN, and are judged by the one low-precision rule against the fp32
+    reference; TF32 is judged by its own tests (tests/test_tf32.py)."""
     import psp_kernels
+    from helpers import cudnn_tf32
     chosen: Backend = request.param
     if chosen.device == "cuda" and not torch.cuda.is_available():
         pytest.skip(NEEDS_GPU)
-    with psp_kernels.use_backend(chosen.name, chosen.device):
+    ieee = cudnn_tf32(False) if chosen.device == "cuda" else contextlib.nullcontext()
+    with psp_kernels.use_backend(chosen.name, chosen.device), ieee:
         yield chosen
 
 

@@ -3,6 +3,8 @@ low-precision rule (:func:`assert_low_precision_close`)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -136,3 +138,14 @@ def assert_matches_oracle(got: torch.Tensor, low, oracle_fn, inputs, what: str) 
     by :func:`assert_close_to_oracle`."""
     oracle = oracle_fn(*[t.double() if isinstance(t, torch.Tensor) else t for t in inputs])
     assert_close_to_oracle(got, low, oracle, what)
+
+
+@contextlib.contextmanager
+def cudnn_tf32(allowed: bool):
+    """``torch.backends.cudnn.allow_tf32 = allowed`` within the block (every other cuDNN flag untouched)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
