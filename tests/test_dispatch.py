@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 import psp_kernels
-from helpers import make_x
+from helpers import make_ppm, make_x
 from psp_kernels import dispatch
 from psp_kernels.dispatch import KERNEL_TABLE
 
@@ -132,10 +132,13 @@ def test_set_backend_is_process_wide_and_clears():
 
 
 def test_an_op_without_the_forced_candidate_keeps_its_default():
-    """``eager`` on CPU is only folded_conv_backward's: the pooling keeps its C++ kernel."""
-    x = make_x(2, 4, 13, 17)
+    """``eager`` forced on CPU: the PPM's pooling and upsampling passes run their eager twins, the 1x1
+    reduction convs (no eager twin) keep their C++ kernel."""
+    x = make_x(2, 8, 13, 17)
+    ppm = make_ppm(8, (1, 2, 3, 6)).eval()
     with psp_kernels.use_backend("eager", "cpu"):
-        assert native_ops(x, psp_kernels.multibin_avg_pool) == {"psp_native::multibin_avg_pool"}
+        assert native_ops(x, ppm) == {"psp_native::reduction_conv_bn_relu"}
+    assert "psp_native::multibin_avg_pool_with_concat" in native_ops(x, ppm)
 
 
 @pytest.mark.parametrize("name, device, error, match", [
