@@ -52,9 +52,9 @@ CANDIDATES = ("cpp", "cuda", "triton", "reference", "eager")
 #   concat, then the branches' upsampling into it) and 3P backward. The eager composition (the unfused module's
 #   own ATen calls, ``eager``) reads x once per bin and again for the concat: 9P forward at the four bins
 #   (pools 4P, branches written P, the concat reads 2P and writes 2P), over 8P backward, and one launch per
-#   bin and pass. A memory-bound fused pass at half eager's bytes cannot be
-#   slower at any size class but the launch-bound smallest (N=1 60x60 eval: 3 fused launches against eager's 21),
-#   so fused Triton is the default, CUDA C++ next, eager then the reference (exact, fp32 copies on 16-bit).
+#   bin and pass. Memory-bound passes moving a third of eager's bytes in fewer launches (N=1 60x60 eval, the
+#   launch-bound end: 3 fused launches against eager's 21) cannot lose at any size class, so fused Triton is
+#   the default, CUDA C++ next, eager then the reference (exact, fp32 copies on 16-bit).
 #   The 1x1 reduction convs work on bin-sized [N, C, 50] tensors: no eager twin (the reference is that ATen
 #   composition).
 # - the head's epilogue (add the branch term, BatchNorm, ReLU) reads the x-half conv output once where the
