@@ -216,13 +216,20 @@ def test_cuda_ptx_has_no_atomics(compiled, src):
 
 @pytest.mark.parametrize("src", CUDA_SOURCES)
 def test_cuda_kernels_do_not_spill(compiled, src):
-    """The resource budget of the CUDA C++ (``nvcc -Xptxas -v``, sm_90): no kernel spills registers."""
+    """The resource budget of the CUDA C++ (``nvcc -Xptxas -v``, sm_90): no fp32 / fp16 / bf16 kernel spills
+    registers (fp64 instantiations, mangled ``...kernelIdE...``, are an exactness path, as in the Triton
+    budgets)."""
     assert_built(compiled, src)
     report = compiled[1][src].stderr
-    kernels = re.findall(r"Compiling entry function '(\S+)'", report)
-    spills = re.findall(r"(\d+) bytes spill stores", report)
-    assert kernels and len(spills) >= len(kernels), f"{src}: no ptxas resource report\n{report[-2000:]}"
-    assert all(int(b) == 0 for b in spills), f"{src}: spill stores {spills}"
+    entries = re.split(r"Compiling entry function '", report)[1:]
+    assert entries, f"{src}: no ptxas resource report\n{report[-2000:]}"
+    spills = {}
+    for entry in entries:
+        name, found = entry.split("'", 1)[0], re.search(r"(\d+) bytes spill stores", entry)
+        assert found, f"{src}: no spill count for {name}"
+        if int(found.group(1)) and not re.search(r"kernelIdE", name):
+            spills[name] = int(found.group(1))
+    assert not spills, f"{src}: spill stores (bytes per thread) {spills}"
 
 
 @pytest.mark.parametrize("src", CUDA_SOURCES)
