@@ -51,7 +51,8 @@ from psp_kernels.triton.common import SIG_DTYPE  # noqa: E402
 #: every Triton kernel, by the module that launches it
 MODULE_KERNELS = {
     tpool: ("_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_nested_fwd_kernel", "_pool_nested_bwd_kernel"),
-    treduction: ("_reduction_fwd_kernel", "_bn_bwd_kernel", "_dgrad_kernel", "_wgrad_kernel"),
+    treduction: ("_reduction_fwd_kernel", "_reduction_bn_act_kernel", "_bn_bwd_kernel", "_dgrad_kernel",
+                 "_wgrad_kernel"),
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
     thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
             "_sum_rows_kernel", "_head_bwd_kernel"),

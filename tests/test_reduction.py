@@ -181,6 +181,22 @@ def test_triton_configs(backend, config, training):
                    params, B, training)
 
 
+@pytest.mark.backends("triton")
+@modes
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_triton_many_row_tiles(backend, dtype, training):
+    """N = 8, "small" config (BLOCK_M = 16): bin 6's 288 rows are 18 row tiles, more than one BLOCK_T step of the
+    ordered merges of the tiles' statistics (forward, training) and BatchNorm sums (backward)."""
+    from psp_kernels.triton import reduction as tred
+    tile_rows = tred.REDUCTION_FWD_CONFIGS["small"][0], tred.REDUCTION_BWD_CONFIGS["small"]["bn"][0]
+    assert all(8 * 36 > tred.BLOCK_T.value * rows for rows in tile_rows)
+    pooled, params = forward_inputs((8, 8, 4, B), dtype, dtype, backend.device)
+    got = tred.reduction_conv_bn_relu(pooled, *params, list(B), training, EPS, config="small")
+    check_forward(got, pooled, params, B, training)
+    check_backward(lambda *args: tred.reduction_conv_bn_relu_backward(*args, config="small"), pooled, *got[1:],
+                   params, B, training)
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd, opcheck
 # --------------------------------------------------------------------------------------------------
