@@ -8,10 +8,12 @@ multibin_avg_pool                   program per (n, channel block): one pass ove
 multibin_avg_pool_backward          program per (n, channel block, row block): gather            1
 multibin_avg_pool_with_concat       the pooling that also copies x into the concat buffer         1
 multibin_avg_pool_backward_add      the pooling backward plus the pass-through gradient           1
-reduction_conv_bn_relu              parameter pack (torch.cat); program per (bin, R block):      2
-                                    GEMM + batch statistics + BatchNorm + ReLU
-reduction_conv_bn_relu_backward     pack; BatchNorm backward per (bin, R block); dgrad / wgrad    4
-                                    tiles per bin
+reduction_conv_bn_relu              parameter pack (torch.cat); program per (row tile, R block): 2 / 3
+                                    GEMM + BatchNorm + ReLU (eval / training: per-tile stats,
+                                    then an ordered merge + BatchNorm + ReLU per tile)
+reduction_conv_bn_relu_backward     pack; BatchNorm backward in two passes per (row tile, R        5
+                                    block); dgrad per (row tile, C block); wgrad per (bin, R
+                                    block, C block)
 upsample_concat                     program per (hw block, channel block, n): copy x /            1
                                     interpolate
 upsample_concat_backward            program per (n, bin, R block): separable transposed interp.   1
