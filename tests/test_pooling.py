@@ -265,28 +265,30 @@ def test_triton_configs(backend, config, dtype):
 
 @pytest.mark.backends("triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("width", [18, 126, 300], ids=["cw16", "cw32", "cw64"])
-def test_triton_nested_tile_widths(backend, width, dtype):
-    """Every fine-tile width of the nested path (CW_PAD 16, 32, 64), partial channel blocks, NaN locality."""
+@pytest.mark.parametrize("height,width", [(6, 18), (6, 126), (6, 300), (102, 18)],
+                         ids=["w18", "w126", "w300", "rows17"])
+def test_triton_nested_tiles(backend, height, width, dtype):
+    """The nested path's tiles: W in one chunk or several (NCHW chunks are 64 or 128 wide, channels_last ones
+    16 or 32), one image row per fine row (16-row tiles mostly masked) or 17 (two row steps per fine row),
+    21 channels (a partial channel block in every tile config), NaN locality."""
     from psp_kernels.triton import pooling as tpool
-    bins = (1, 2, 3, 6)
-    assert tpool.nested_level(bins, 6, width) == 6
+    bins, c = (1, 2, 3, 6), 21
+    assert tpool.nested_level(bins, height, width) == 6
     for cl in (False, True):
-        x = make_x(1, 20, 6, width, dtype, "channels_last" if cl else "nchw", backend.device)  # 3 channel blocks
+        x = make_x(1, c, height, width, dtype, "channels_last" if cl else "nchw", backend.device)
         assert_matches_oracle(multibin_avg_pool(x, bins), reference.multibin_avg_pool(x, bins),
                               reference.multibin_avg_pool, (x, bins), "forward")
-        g = rand(1, 20, 50, dtype=dtype, device=backend.device)
-        args = (g, bins, 6, width, cl)
-        assert_matches_oracle(ops.multibin_avg_pool_backward(g, list(bins), 6, width, cl),
-                              reference.multibin_avg_pool_backward(*args), reference.multibin_avg_pool_backward, args,
-                              "backward")
+        g = rand(1, c, 50, dtype=dtype, device=backend.device)
+        args = (g, bins, height, width, cl)
+        assert_matches_oracle(ops.multibin_avg_pool_backward(*args), reference.multibin_avg_pool_backward(*args),
+                              reference.multibin_avg_pool_backward, args, "backward")
         x[0, 3, 2, 5] = float("nan")        # the nested path keeps a NaN in the cells containing it
         assert torch.equal(multibin_avg_pool(x, bins).isnan(), reference.multibin_avg_pool(x.double(), bins).isnan())
         g[0, 3, 7] = float("nan")            # ... and a NaN gradient in the pixels of its cell
-        cell = torch.zeros(1, 20, 50, dtype=torch.float64, device=backend.device)
+        cell = torch.zeros(1, c, 50, dtype=torch.float64, device=backend.device)
         cell[0, 3, 7] = 1.0
-        assert torch.equal(ops.multibin_avg_pool_backward(g, list(bins), 6, width, cl).isnan(),
-                           reference.multibin_avg_pool_backward(cell, bins, 6, width, cl) != 0)
+        assert torch.equal(ops.multibin_avg_pool_backward(*args).isnan(),
+                           reference.multibin_avg_pool_backward(cell, bins, height, width, cl) != 0)
 
 
 # --------------------------------------------------------------------------------------------------

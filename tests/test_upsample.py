@@ -148,6 +148,29 @@ def test_triton_bwd_configs(backend, config):
         check_backward(tup.upsample_concat_backward(grad_out, B, 3, config=config), grad_out, B, 3, config)
 
 
+@pytest.mark.backends("triton")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_backward_nan_stays_in_its_taps(backend, layout):
+    """The Triton backward spreads rows and cuts columns by selection (no tap-matrix product): a NaN gradient
+    pixel reaches exactly the cells (i0 | i1, j0 | j1) of its channel whose taps read it."""
+    c, r, h, w = 3, 2, 13, 17
+    grad_out = make_x(1, c + r * len(B), h, w, torch.float32, layout, backend.device)
+    k, ch, y, x = 3, 1, 7, 11                       # bin 6, its channel 1, pixel (7, 11)
+    grad_out[0, c + k * r + ch, y, x] = float("nan")
+    got = ops.upsample_concat_backward(grad_out, list(B), c).isnan()
+
+    def taps(o, size, b):
+        src = torch.tensor(o, dtype=torch.float32) * (torch.tensor(b - 1, dtype=torch.float32) / (size - 1))
+        i0 = min(int(src), b - 1)
+        return {i0, min(i0 + 1, b - 1)}
+    b, off = B[k], sum(v * v for v in B[:k])
+    expected = torch.zeros_like(got)
+    for i in taps(y, h, b):
+        for j in taps(x, w, b):
+            expected[0, ch, off + i * b + j] = True
+    assert torch.equal(got, expected)
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd, opcheck
 # --------------------------------------------------------------------------------------------------

@@ -25,11 +25,15 @@ is smaller than the bin, repeat rows/columns; the tables encode that directly.
 
 Nested path. When every bin divides the largest bin L and L divides H and W (semseg's bins 1/2/3/6 at
 60x60 or 90x90, the 473 and 713 crops), the windows nest: x is summed once into the L x L *fine cells*
-(``H/L x W/L`` pixels each: a row of x is loaded as an [L, W/L] tile and reduced along its second axis)
-and every coarser cell is the sum of the fine cells it covers (docs/ppm_byte_model.md). The
-backward forms the per-fine-cell gradient table ``D = sum_b g_b[parent_b] / area_b`` once and
-broadcasts it over the cells' pixels. Both are exact selections (``tl.where``) and sums, so a
-non-finite input stays in the cells that contain it.
+(``H/L x W/L`` pixels each) and every coarser cell is the sum of the fine cells it covers
+(docs/ppm_byte_model.md). The forward streams each fine row as [channels, 16 rows, W chunk] tiles (all
+the row's loads in flight at once, VEC-wide along w in NCHW), sums the rows elementwise, then cuts the
+row sum into fine cells (``w // (W/L)``, a selection) and adds each to its column cell of every bin: the
+accumulator holds one open row band of cells per bin ([channels, J]), stored (times 1/area) after the
+band's last fine row. The backward gathers, per fine row, g / area of the cells holding that row, forms
+the fine-cell gradient ``D = sum_b g_b[parent_b] / area_b`` of each fine column and broadcasts it over
+the fine row's pixels. Both are exact selections (``tl.where``) and sums, so a non-finite input stays in
+the cells that contain it.
 
 General path (any H, W, bins): masked products, as above. Known deviation there: the masks multiply
 every loaded element by 0 or 1, so a non-finite input (inf/nan) turns every cell of its (n, c) row into
@@ -93,58 +97,64 @@ def pool_tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype
     return cached_table(("general", tuple(bins), height, width, acc_dtype(dtype), str(device)), make)
 
 
-# Nested path limits: the largest bin L <= L_PAD (one padded tile axis), fine cells at most CW_PAD_MAX wide.
-L_PAD = 8
-CW_PAD_MAX = 64
+# Nested path limit: the largest bin L <= L_MAX (the fine columns of a column cell are 8 bits of its table entry).
+L_MAX = 8
 
 
 def nested_level(bins: Sequence[int], height: int, width: int) -> int | None:
-    """L = max(bins) when the windows nest (every bin divides L, L divides H and W) within the nested
-    kernels' limits, else None (general path)."""
+    """L = max(bins) when the windows nest (every bin divides L, L divides H and W) and L <= L_MAX, else None
+    (general path)."""
     big = max(bins)
-    if big > L_PAD or any(big % b for b in bins) or height % big or width % big:
+    if big > L_MAX or any(big % b for b in bins) or height % big or width % big:
         return None
-    return big if pow2(width // big) <= CW_PAD_MAX else None
+    return big
 
 
 def nested_tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device):
-    """Device tables of the nested path: ``(S, fine_tab [4, S] i32, inv_area [S] acc)``; packed cell q of
-    bin b covers fine rows ``[fine_tab[0, q], fine_tab[1, q])`` and fine columns ``[fine_tab[2, q],
-    fine_tab[3, q])`` of the L x L fine grid (``geometry.window`` on the fine grid: exact, as b | L)."""
+    """Device tables of the nested path: ``(S, J_PAD, row_tab [L, J_PAD] i32, inv_area [S] acc)``. Column cells
+    jc are the columns of all bins (bin b's column j_b, bins in order, J = sum(bins), padded to J_PAD with
+    zeros: no columns, cell 0); entry (i, jc) packs ``fine columns | last << 8 | q << 9``: bit j set for the
+    fine columns j of jc's window, ``last`` when fine row i is the last of its cell's rows, and q = the
+    packed index of jc's cell whose rows hold fine row i (``geometry.window`` on the L x L fine grid:
+    exact, as b | L)."""
     big = max(bins)
 
     def make():
-        tab = [[], [], [], []]
-        for b in bins:
-            for i in range(b):
-                for j in range(b):
-                    for row, v in zip(tab, window(i, b, big) + window(j, b, big)):
-                        row.append(v)
+        tab = [[] for _ in range(big)]
+        for b, off in zip(bins, bin_offsets(bins)):
+            for j in range(b):
+                c0, c1 = window(j, b, big)
+                cols = sum(1 << k for k in range(c0, c1))
+                for i in range(big):
+                    row = i * b // big                  # the cell row holding fine row i
+                    last = window(row, b, big)[1] == i + 1
+                    tab[i].append(cols | last << 8 | (off + row * b + j) << 9)
+        j_pad = pow2(sum(bins))
+        tab = [row + [0] * (j_pad - len(row)) for row in tab]
         _, _, _, _, _, inv_area = _pool_tables_host(tuple(bins), height, width)
-        s = packed_size(bins)
-        return (s, torch.tensor(tab, dtype=torch.int32, device=device),
-                torch.tensor(inv_area[:s], dtype=acc_dtype(dtype), device=device))
+        return (packed_size(bins), j_pad, torch.tensor(tab, dtype=torch.int32, device=device),
+                torch.tensor(inv_area[:packed_size(bins)], dtype=acc_dtype(dtype), device=device))
     return cached_table(("nested", tuple(bins), height, width, acc_dtype(dtype), str(device)), make)
 
 
 @triton.jit
-def _fine_cell_select(tab_ptr, q, S, L_PAD: tl.constexpr):
-    """[L_PAD, L_PAD] mask of the fine cells that packed cell q covers (nested tables)."""
-    ii = tl.arange(0, L_PAD)
-    rows = (ii >= tl.load(tab_ptr + q)) & (ii < tl.load(tab_ptr + S + q))
-    cols = (ii >= tl.load(tab_ptr + 2 * S + q)) & (ii < tl.load(tab_ptr + 3 * S + q))
-    return rows[:, None] & cols[None, :]
+def _row_cells(tab_ptr, i, J_PAD: tl.constexpr):
+    """Per column cell ([J_PAD], padding: no columns), for fine row i: its fine-column bits, whether i is the
+    last fine row of its cell, and that cell's packed index (nested tables). Loaded where used (a cached
+    4-byte load per column cell), so no table value stays live across the tile loops."""
+    t = tl.load(tab_ptr + i * J_PAD + tl.arange(0, J_PAD))
+    return t & 255, ((t >> 8) & 1) != 0, t >> 9
 
 
 @triton.jit
-def _fine_tile(offs_c, C, L, CW, CW_PAD: tl.constexpr, L_PAD: tl.constexpr):
-    """Offsets (in units of the w stride) and mask of a [BLOCK_C, L_PAD, CW_PAD] tile of one image row:
-    element (c, j, t) is column ``j * CW + t``, i.e. pixel t of fine column cell j."""
-    jj = tl.arange(0, L_PAD)
-    tt = tl.arange(0, CW_PAD)
-    w = jj[:, None] * CW + tt[None, :]
-    mask = (offs_c < C)[:, None, None] & ((jj[:, None] < L) & (tt[None, :] < CW))[None, :, :]
-    return w[None, :, :], mask
+def _row_tile(chan, i, r, CH, W, w, stride_h, stride_w, VEC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Offsets and row/column mask of the [BLOCK_C, BLOCK_H, BLOCK_W] tile holding rows ``i*CH + r + [0,
+    BLOCK_H)`` (those of fine row i) and columns ``w`` of the channels at ``chan`` ([BLOCK_C, 1, 1], like
+    ``stride_h`` in units of VEC elements: a multiple of VEC is a VEC-aligned row start)."""
+    rr = r + tl.arange(0, BLOCK_H)
+    h = (i * CH + rr).to(tl.int64)[None, :, None]
+    offs = (chan + h * stride_h) * VEC + w[None, None, :] * stride_w
+    return offs, (rr < CH)[None, :, None] & (w < W)[None, None, :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,43 +166,54 @@ def _pool_nested_fwd_kernel(
     x_ptr,                      # [N, C, H, W], NCHW or channels_last
     out_ptr,                    # [N, C, S] contiguous, x's dtype
     cat_ptr,                    # concat [N, >=C, H, W] (written only when COPY)
-    tab_ptr, inv_area_ptr,      # nested tables: i32 [4, S], acc [S]
-    C, S, L, CH, CW,            # L: fine grid size; CH x CW: pixels per fine cell
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    tab_ptr, inv_area_ptr,      # nested tables: i32 [L, J_PAD], acc [S]
+    C, S, L, CH, CW, W_VEC,     # L: fine grid size; CH x CW: pixels per fine cell; W = W_VEC * VEC
+    stride_xn, stride_xc, stride_xh, stride_xw,     # n, c, h strides in units of VEC elements
     stride_cn, stride_cc, stride_ch, stride_cw,
-    BLOCK_C: tl.constexpr, L_PAD: tl.constexpr, CW_PAD: tl.constexpr,
-    COPY: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, J_PAD: tl.constexpr,
+    VEC: tl.constexpr, COPY: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    # Decomposition: one program per (n, block of BLOCK_C channels); it streams its [BLOCK_C, H, W]
-    # slab of x once, row by row, as [BLOCK_C, L, CW] tiles summed along the last axis into the row's
-    # fine column cells, accumulates CH rows per fine row and keeps the [BLOCK_C, L, L] fine grid in
-    # registers; every packed cell is then a masked sum of fine cells. Fixed order, no atomics.
-    pid = tl.program_id(0)
-    n_cblocks = tl.cdiv(C, BLOCK_C)
-    n = (pid // n_cblocks).to(tl.int64)
-    offs_c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    w, mask = _fine_tile(offs_c, C, L, CW, CW_PAD, L_PAD)
-    x_tile = x_ptr + n * stride_xn + offs_c.to(tl.int64)[:, None, None] * stride_xc + w * stride_xw
-    cat_tile = cat_ptr + n * stride_cn + offs_c.to(tl.int64)[:, None, None] * stride_cc + w * stride_cw
-    ii = tl.arange(0, L_PAD)
+    # Decomposition: grid (channel blocks, N), one program per (n, block of BLOCK_C channels); it streams
+    # its [BLOCK_C, H, W] slab of x once, fine row by fine row, in [BLOCK_C, BLOCK_H, BLOCK_W] tiles
+    # (BLOCK_H rows of one fine row, all their loads in flight at once; W in BLOCK_W chunks). The rows are
+    # summed first (elementwise), then each fine cell (i, j) is the sum of the row sum's columns w with
+    # w // CW == j (a selection) and is added to its column cell of every bin: acc [BLOCK_C, J_PAD] holds
+    # the open row band of cells of every bin. After the last fine row of a bin's band, that band is
+    # scaled by 1/area, stored (every cell once, no epilogue) and reopened. Fixed order, no atomics.
+    c_start = tl.program_id(0) * BLOCK_C
+    n = tl.program_id(1).to(tl.int64)
+    cc = tl.arange(0, BLOCK_C)
+    mask_c = (c_start + cc < C)[:, None, None]
+    W = W_VEC * VEC
+    out_blk = out_ptr + (n * C + c_start) * S
+    # Block base pointers (64-bit scalars) and in-block offsets
+    x_blk = x_ptr + (n * stride_xn + c_start.to(tl.int64) * stride_xc) * VEC
+    cat_blk = cat_ptr + (n * stride_cn + c_start.to(tl.int64) * stride_cc) * VEC
+    x_chan = cc[:, None, None] * stride_xc
+    cat_chan = cc[:, None, None] * stride_cc
 
-    fine = tl.zeros([BLOCK_C, L_PAD, L_PAD], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_C, J_PAD], dtype=ACC_DTYPE)        # the open row band of cells of every bin
     for i in range(0, L):
-        row = tl.zeros([BLOCK_C, L_PAD], dtype=ACC_DTYPE)
-        for r in range(0, CH):
-            h = i * CH + r
-            xt = tl.load(x_tile + h * stride_xh, mask=mask, other=0.0)
-            if COPY:
-                tl.store(cat_tile + h * stride_ch, xt, mask=mask)
-            row += tl.sum(xt.to(ACC_DTYPE), axis=2)
-        fine = tl.where((ii == i)[None, :, None], row[:, None, :], fine)
-
-    out_rows = out_ptr + (n * C + offs_c.to(tl.int64)) * S
-    for q in range(0, S):
-        sel = _fine_cell_select(tab_ptr, q, S, L_PAD)
-        v = tl.sum(tl.sum(tl.where(sel[None, :, :], fine, 0.0), axis=2), axis=1)
-        v = v * tl.load(inv_area_ptr + q)
-        tl.store(out_rows + q, v.to(out_ptr.dtype.element_ty), mask=offs_c < C)
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            row_sum = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC_DTYPE)
+            for r in range(0, CH, BLOCK_H):
+                offs, mask = _row_tile(x_chan, i, r, CH, W, w, stride_xh, stride_xw, VEC, BLOCK_H)
+                xt = tl.load(x_blk + offs, mask=mask_c & mask, other=0.0)
+                if COPY:
+                    offs, mask = _row_tile(cat_chan, i, r, CH, W, w, stride_ch, stride_cw, VEC, BLOCK_H)
+                    tl.store(cat_blk + offs, xt, mask=mask_c & mask)
+                row_sum += tl.sum(xt.to(ACC_DTYPE), axis=1)
+            fine_cols, _, _ = _row_cells(tab_ptr, i, J_PAD)
+            for j in range(0, L):
+                cell = tl.sum(tl.where((w // CW == j)[None, :], row_sum, 0.0), axis=1)    # fine cell (i, j)
+                acc += tl.where((((fine_cols >> j) & 1) != 0)[None, :], cell[:, None], 0.0)
+        # cells whose last fine row is i are complete: scale, store (each cell once) and reopen them
+        _, last, q = _row_cells(tab_ptr, i, J_PAD)
+        val = acc * tl.load(inv_area_ptr + q)[None, :]
+        tl.store(out_blk + cc[:, None] * S + q[None, :], val.to(out_ptr.dtype.element_ty),
+                 mask=(c_start + cc < C)[:, None] & last[None, :])
+        acc = tl.where(last[None, :], 0.0, acc)
 
 
 @triton.jit
@@ -210,7 +231,8 @@ def _pool_fwd_kernel(
     S_PAD: tl.constexpr, J_PAD: tl.constexpr,
     COPY: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    # Decomposition: one program per (n, block of BLOCK_C channels); it streams its [BLOCK_C, H, W] slab
+    # Decomposition: grid (channel blocks, N), one program per (n, block of BLOCK_C channels) (program ids
+    # read directly: nothing derived from them is spilled across the loops); it streams its [BLOCK_C, H, W] slab
     # of x exactly once, row by row, and owns all S output cells of those channels (no atomics, fixed
     # order). Tiles are [BLOCK_C, BLOCK_W]; with channels_last the channel dim is the contiguous one,
     # with NCHW the w dim is (the compiler coalesces along whichever stride is 1).
@@ -249,29 +271,58 @@ def _pool_fwd_kernel(
 
 # General-path block configs, (BLOCK_C, BLOCK_W, num_warps). "main" tiles [32 channels, 64 columns]
 # coalesce in both layouts (>= 64 contiguous bytes per channel row in NCHW, per pixel in channels_last);
-# "small" serves fp64 (register pressure) and shapes with too few programs to fill an H100 (132 SMs).
+# "small" serves fp32 and fp64 (all their products are IEEE FMA loops: fp32 "main" spills registers) and
+# shapes with too few programs to fill an H100 (132 SMs).
 POOL_FWD_CONFIGS = {"main": (32, 64, 4), "small": (16, 32, 4)}
 POOL_BWD_CONFIGS = {"main": (32, 64, 4), "small": (16, 32, 4)}
-# Nested path: fine-tile width CW_PAD -> (BLOCK_C, num_warps), [BLOCK_C, 8, CW_PAD] = 4096 elements per
-# row tile (32 per thread at 4 warps); few programs (N=1) or fp64 halve BLOCK_C (down to 8).
-NESTED_CONFIGS = {16: (32, 4), 32: (16, 4), 64: (8, 4)}
 MIN_PROGRAMS = 264          # two per SM of an H100 (132 SMs)
 
 
 def _pool_config(dtype: torch.dtype, programs_main: int, width: int) -> str:
-    if dtype == torch.float64 or programs_main < 132 or width <= 16:
+    if dtype in (torch.float32, torch.float64) or programs_main < 132 or width <= 16:
         return "small"
     return "main"
 
 
-def nested_block(dtype: torch.dtype, cw_pad: int, n: int, c: int) -> tuple[int, int]:
-    """(BLOCK_C, num_warps) of the nested kernels for fine cells CW_PAD wide and N x C channels."""
-    block, warps = NESTED_CONFIGS[cw_pad]
-    if dtype == torch.float64:
-        block //= 2
-    while block > 8 and n * triton.cdiv(c, block) < MIN_PROGRAMS:
-        block //= 2
-    return max(block, 8), warps
+# Nested path tiles [BLOCK_C, BLOCK_H, BLOCK_W] (W in chunks of BLOCK_W), 16 rows: a whole fine row at 60x60
+# and 90x90 (CH = 10, 15), so a fine row is one step and all its loads are in flight at once.
+# - "nchw" (w contiguous): BLOCK_W = 64 (W <= 64) or 128, 2048 elements at 4 warps; loads are VEC elements
+#   wide (VEC = the power of two <= 4 dividing W and the n, c, h strides, see row_vec);
+# - "cl" (c contiguous): BLOCK_C channels = 32 bytes per pixel (a DRAM sector), 16 bytes when that leaves
+#   fewer than MIN_PROGRAMS programs (N=1), at 8 warps; 4096 elements for 16-bit dtypes, 2048 for fp32 and
+#   fp64 (the sizes whose binaries have no register spills at the benchmark shapes).
+NESTED_WIDTHS = (64, 128)
+ROW_VECS = (1, 2, 4)
+
+
+def nested_tile(dtype: torch.dtype, channels_last: bool, width: int, n: int, c: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W, num_warps) of the nested kernels for N x C channels of rows ``width`` wide."""
+    if not channels_last:
+        bw = NESTED_WIDTHS[0] if width <= NESTED_WIDTHS[0] else NESTED_WIDTHS[1]
+        return 2048 // (16 * bw), 16, bw, 4
+    size = torch.empty((), dtype=dtype).element_size()
+    bc = 32 // size if n * triton.cdiv(c, 32 // size) >= MIN_PROGRAMS else 16 // size
+    return bc, 16, (4096 if size == 2 else 2048) // (16 * bc), 8
+
+
+def row_vec(dtype: torch.dtype, width: int, *tensors: torch.Tensor) -> int:
+    """VEC of the kernels that address image rows in units of VEC elements (the nested pooling, the upsampling
+    backward): the largest power of two <= 4 (and <= 16 bytes) dividing W and every n, c, h stride of
+    ``tensors`` when w is their contiguous dim (NCHW), else 1."""
+    if any(t.stride(3) != 1 for t in tensors):
+        return 1
+    vec = min(ROW_VECS[-1], 16 // torch.empty((), dtype=dtype).element_size())
+    while vec > 1 and any(v % vec for t in tensors for v in (width, *t.stride()[:3])):
+        vec //= 2
+    return vec
+
+
+def vec_strides(t: torch.Tensor | None, vec: int) -> tuple[int, int, int, int]:
+    """(n, c, h strides in units of vec, w stride) of t (zeros when None)."""
+    if t is None:
+        return 0, 0, 0, 0
+    sn, sc, sh, sw = t.stride()
+    return sn // vec, sc // vec, sh // vec, sw
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -287,12 +338,14 @@ def _pool_forward(x: torch.Tensor, bins: Sequence[int], concat: torch.Tensor | N
     copy, cat = concat is not None, (concat if concat is not None else x)
     big = nested_level(bins, h, w) if config in (None, "nested") else None
     if big is not None:
-        _, tab, inv_area = nested_tables(bins, h, w, x.dtype, x.device)
-        cw_pad = pow2(w // big)
-        bc, nw = nested_block(x.dtype, cw_pad, n, c)
-        _pool_nested_fwd_kernel[(n * triton.cdiv(c, bc),)](
-            x, out, cat, tab, inv_area, c, s, big, h // big, w // big, *x.stride(), *_strides(concat),
-            BLOCK_C=bc, L_PAD=L_PAD, CW_PAD=cw_pad, COPY=copy, ACC_DTYPE=acc_tl(x.dtype), num_warps=nw)
+        _, j_pad, row_tab, inv_area = nested_tables(bins, h, w, x.dtype, x.device)
+        bc, bh, bw, nw = nested_tile(x.dtype, is_channels_last(x), w, n, c)
+        vec = row_vec(x.dtype, w, x, cat)
+        assert n < 65536, n
+        _pool_nested_fwd_kernel[(triton.cdiv(c, bc), n)](
+            x, out, cat, row_tab, inv_area, c, s, big, h // big, w // big, w // vec, *vec_strides(x, vec),
+            *vec_strides(concat, vec), BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw, J_PAD=j_pad, VEC=vec, COPY=copy,
+            ACC_DTYPE=acc_tl(x.dtype), num_warps=nw)
         return out
     s, s_pad, j_pad, cell_tab, col_tab, inv_area = pool_tables(bins, h, w, x.dtype, x.device)
     if config in (None, "nested"):
@@ -340,44 +393,49 @@ def _pool_nested_bwd_kernel(
     g_ptr,                      # [N, C, S] contiguous (grad of pooled)
     gx_ptr,                     # [N, C, H, W] output, NCHW or channels_last strides
     res_ptr,                    # residual [N, C, H, W] view (read only when HAS_RESIDUAL)
-    tab_ptr, inv_area_ptr,      # nested tables: i32 [4, S], acc [S]
-    C, S, L, CH, CW, ROWS,      # ROWS: image rows per program
-    stride_gn, stride_gc, stride_gh, stride_gw,
+    tab_ptr, inv_area_ptr,      # nested tables: i32 [L, J_PAD], acc [S]
+    C, S, L, CH, CW, W_VEC, ROWS,   # as the forward; ROWS: fine rows per program
+    stride_gn, stride_gc, stride_gh, stride_gw,     # n, c, h strides in units of VEC elements
     stride_rn, stride_rc, stride_rh, stride_rw,
-    BLOCK_C: tl.constexpr, L_PAD: tl.constexpr, CW_PAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, J_PAD: tl.constexpr,
+    VEC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    # Decomposition: one program per (n, block of BLOCK_C channels, block of ROWS image rows). It forms
-    # the fine-cell gradient table D[c, i, j] = sum_q [fine cell (i, j) in q] g[c, q] / area_q once
-    # (fixed order over q), then writes each of its rows as the broadcast of D's fine row (plus the
-    # residual): every grad_x element is written exactly once. No zero-fill, no atomics.
-    pid = tl.program_id(0)
-    H = L * CH
-    n_hblocks = tl.cdiv(H, ROWS)
-    n_cblocks = tl.cdiv(C, BLOCK_C)
-    hb = pid % n_hblocks
-    n = (pid // (n_hblocks * n_cblocks)).to(tl.int64)
-    offs_c = ((pid // n_hblocks) % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    w, mask = _fine_tile(offs_c, C, L, CW, CW_PAD, L_PAD)
-    ii = tl.arange(0, L_PAD)
-
-    g_rows = g_ptr + (n * C + offs_c.to(tl.int64)) * S
-    table = tl.zeros([BLOCK_C, L_PAD, L_PAD], dtype=ACC_DTYPE)
-    for q in range(0, S):
-        gq = tl.load(g_rows + q, mask=mask_c, other=0.0).to(ACC_DTYPE) * tl.load(inv_area_ptr + q)
-        sel = _fine_cell_select(tab_ptr, q, S, L_PAD)
-        table += tl.where(sel[None, :, :], gq[:, None, None], 0.0)
-
-    gx_tile = gx_ptr + n * stride_gn + offs_c.to(tl.int64)[:, None, None] * stride_gc + w * stride_gw
-    res_tile = res_ptr + n * stride_rn + offs_c.to(tl.int64)[:, None, None] * stride_rc + w * stride_rw
-    h_start = hb * ROWS
-    for h in range(h_start, tl.minimum(h_start + ROWS, H)):
-        fine_row = tl.sum(tl.where((ii == h // CH)[None, :, None], table, 0.0), axis=1)   # [BLOCK_C, L_PAD]
-        val = tl.broadcast_to(fine_row[:, :, None], [BLOCK_C, L_PAD, CW_PAD])
-        if HAS_RESIDUAL:
-            val += tl.load(res_tile + h * stride_rh, mask=mask, other=0.0).to(ACC_DTYPE)
-        tl.store(gx_tile + h * stride_gh, val.to(gx_ptr.dtype.element_ty), mask=mask)
+    # Decomposition: grid (channel blocks, fine-row blocks, N), one program per (n, block of BLOCK_C
+    # channels, block of ROWS fine rows). Per fine row i it gathers g / area of the cells of every bin
+    # whose rows hold i ([BLOCK_C, J_PAD], one per column cell); per fine column j the fine-cell gradient
+    # D[c, i, j] = sum over those cells containing column j (a selection-sum, fixed order) is selected
+    # into the columns w // CW == j of a row, which is written to the fine row's CH image rows in
+    # [BLOCK_C, BLOCK_H, BLOCK_W] tiles, plus the residual: every grad_x element is written exactly once.
+    # No zero-fill, no atomics.
+    c_start = tl.program_id(0) * BLOCK_C
+    i_start = tl.program_id(1) * ROWS
+    n = tl.program_id(2).to(tl.int64)
+    cc = tl.arange(0, BLOCK_C)
+    mask_c = (c_start + cc < C)[:, None, None]
+    W = W_VEC * VEC
+    g_blk = g_ptr + (n * C + c_start) * S
+    # Block base pointers (64-bit scalars) and in-block offsets
+    gx_blk = gx_ptr + (n * stride_gn + c_start.to(tl.int64) * stride_gc) * VEC
+    res_blk = res_ptr + (n * stride_rn + c_start.to(tl.int64) * stride_rc) * VEC
+    gx_chan = cc[:, None, None] * stride_gc
+    res_chan = cc[:, None, None] * stride_rc
+    for i in range(i_start, tl.minimum(i_start + ROWS, L)):
+        fine_cols, _, q = _row_cells(tab_ptr, i, J_PAD)
+        g = tl.load(g_blk + cc[:, None] * S + q[None, :], mask=(c_start + cc < C)[:, None], other=0.0)
+        g = g.to(ACC_DTYPE) * tl.load(inv_area_ptr + q)[None, :]                             # [BLOCK_C, J_PAD]
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            val_row = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC_DTYPE)
+            for j in range(0, L):
+                d = tl.sum(tl.where((((fine_cols >> j) & 1) != 0)[None, :], g, 0.0), axis=1)   # D[c, i, j]
+                val_row = tl.where((w // CW == j)[None, :], d[:, None], val_row)
+            for r in range(0, CH, BLOCK_H):
+                offs, mask = _row_tile(gx_chan, i, r, CH, W, w, stride_gh, stride_gw, VEC, BLOCK_H)
+                val = tl.broadcast_to(val_row[:, None, :], [BLOCK_C, BLOCK_H, BLOCK_W])
+                if HAS_RESIDUAL:
+                    offs_r, mask_r = _row_tile(res_chan, i, r, CH, W, w, stride_rh, stride_rw, VEC, BLOCK_H)
+                    val += tl.load(res_blk + offs_r, mask=mask_c & mask_r, other=0.0).to(ACC_DTYPE)
+                tl.store(gx_blk + offs, val.to(gx_ptr.dtype.element_ty), mask=mask_c & mask)
 
 
 @triton.jit
@@ -433,8 +491,8 @@ def _pool_bwd_kernel(
 
 
 def _rows_per_program(programs: int, height: int) -> int:
-    """Split the rows so that there are enough programs (>= 4 per SM of an H100) while each still
-    reuses its slice of g for several rows."""
+    """Split the rows (image rows, or fine rows in the nested path) so that there are enough programs (>= 4
+    per SM of an H100) while each still reuses its slice of g for several rows."""
     return height if programs >= 528 else max(1, height // triton.cdiv(528, programs))
 
 
@@ -449,15 +507,15 @@ def _pool_backward(grad_pooled, bins, height, width, channels_last, residual, co
     acc = acc_tl(grad_pooled.dtype)
     big = nested_level(bins, height, width) if config in (None, "nested") else None
     if big is not None:
-        s, tab, inv_area = nested_tables(bins, height, width, grad_pooled.dtype, grad_pooled.device)
-        cw_pad = pow2(width // big)
-        bc, nw = nested_block(grad_pooled.dtype, cw_pad, n, c)
-        progs = n * triton.cdiv(c, bc)
-        rows = _rows_per_program(progs, height)
-        _pool_nested_bwd_kernel[(progs * triton.cdiv(height, rows),)](
-            grad_pooled, gx, res, tab, inv_area, c, s, big, height // big, width // big, rows,
-            *gx.stride(), *_strides(residual),
-            BLOCK_C=bc, L_PAD=L_PAD, CW_PAD=cw_pad, HAS_RESIDUAL=has_res, ACC_DTYPE=acc, num_warps=nw)
+        s, j_pad, row_tab, inv_area = nested_tables(bins, height, width, grad_pooled.dtype, grad_pooled.device)
+        bc, bh, bw, nw = nested_tile(grad_pooled.dtype, channels_last, width, n, c)
+        vec = row_vec(grad_pooled.dtype, width, gx, res)
+        rows = _rows_per_program(n * triton.cdiv(c, bc), big)
+        assert n < 65536, n
+        _pool_nested_bwd_kernel[(triton.cdiv(c, bc), triton.cdiv(big, rows), n)](
+            grad_pooled, gx, res, row_tab, inv_area, c, s, big, height // big, width // big, width // vec, rows,
+            *vec_strides(gx, vec), *vec_strides(residual, vec), BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw,
+            J_PAD=j_pad, VEC=vec, HAS_RESIDUAL=has_res, ACC_DTYPE=acc, num_warps=nw)
         return gx
     s, s_pad, j_pad, cell_tab, col_tab, inv_area = pool_tables(bins, height, width, grad_pooled.dtype,
                                                               grad_pooled.device)
@@ -538,27 +596,32 @@ def _general_configs(dtype: torch.dtype, dt: str, acc: str):
     return out
 
 
+def _nested_tiles(dtype: torch.dtype):
+    """Every (layout, (BLOCK_C, BLOCK_H, BLOCK_W, num_warps), VEC) the nested launchers can pick for ``dtype``
+    (NCHW: each chunk width and VEC; channels_last: many programs ... one image of 2048 channels)."""
+    vecs = [v for v in ROW_VECS if v * torch.empty((), dtype=dtype).element_size() <= 16]
+    out = [("nchw", nested_tile(dtype, False, bw, 1, 1), v) for bw in NESTED_WIDTHS for v in vecs]
+    return out + [("cl", tile, 1) for tile in sorted({nested_tile(dtype, True, 64, n, 2048) for n in (1 << 20, 1)})]
+
+
 def _nested_configs(dtype: torch.dtype, dt: str, acc: str):
     out = []
-    for cw_pad in NESTED_CONFIGS:
-        # Every BLOCK_C nested_block can return for this width and dtype (many programs ... one image).
-        blocks = sorted({nested_block(dtype, cw_pad, n, 2048) for n in (1 << 20, 1)})
-        for bc, nw in blocks:
-            for flag in (False, True):
-                out.append((_pool_nested_fwd_kernel, CompileConfig(
-                    f"pool_nested_fwd/{dt}/cw{cw_pad}/c{bc}/{'copy' if flag else 'pool'}",
-                    _signature({"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "cat_ptr": f"*{dt}", "tab_ptr": "*i32",
-                                "inv_area_ptr": f"*{acc}"}, ("C", "S", "L", "CH", "CW") + _X_STRIDES,
-                               ("BLOCK_C", "L_PAD", "CW_PAD", "COPY", "ACC_DTYPE")),
-                    dict(BLOCK_C=bc, L_PAD=L_PAD, CW_PAD=cw_pad, COPY=flag, ACC_DTYPE=acc_tl(dtype)),
-                    num_warps=nw)))
-                out.append((_pool_nested_bwd_kernel, CompileConfig(
-                    f"pool_nested_bwd/{dt}/cw{cw_pad}/c{bc}/{'add' if flag else 'plain'}",
-                    _signature({"g_ptr": f"*{dt}", "gx_ptr": f"*{dt}", "res_ptr": f"*{dt}", "tab_ptr": "*i32",
-                                "inv_area_ptr": f"*{acc}"}, ("C", "S", "L", "CH", "CW", "ROWS") + _G_STRIDES,
-                               ("BLOCK_C", "L_PAD", "CW_PAD", "HAS_RESIDUAL", "ACC_DTYPE")),
-                    dict(BLOCK_C=bc, L_PAD=L_PAD, CW_PAD=cw_pad, HAS_RESIDUAL=flag, ACC_DTYPE=acc_tl(dtype)),
-                    num_warps=nw)))
+    for layout, (bc, bh, bw, nw), vec in _nested_tiles(dtype):
+        tile = dict(BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw, J_PAD=16, VEC=vec, ACC_DTYPE=acc_tl(dtype))
+        name = f"{dt}/{layout}/w{bw}/c{bc}/v{vec}"
+        for flag in (False, True):
+            out.append((_pool_nested_fwd_kernel, CompileConfig(
+                f"pool_nested_fwd/{name}/{'copy' if flag else 'pool'}",
+                _signature({"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "cat_ptr": f"*{dt}", "tab_ptr": "*i32",
+                            "inv_area_ptr": f"*{acc}"}, ("C", "S", "L", "CH", "CW", "W_VEC") + _X_STRIDES,
+                           (*tile, "COPY")),
+                dict(tile, COPY=flag), num_warps=nw)))
+            out.append((_pool_nested_bwd_kernel, CompileConfig(
+                f"pool_nested_bwd/{name}/{'add' if flag else 'plain'}",
+                _signature({"g_ptr": f"*{dt}", "gx_ptr": f"*{dt}", "res_ptr": f"*{dt}", "tab_ptr": "*i32",
+                            "inv_area_ptr": f"*{acc}"}, ("C", "S", "L", "CH", "CW", "W_VEC", "ROWS") + _G_STRIDES,
+                           (*tile, "HAS_RESIDUAL")),
+                dict(tile, HAS_RESIDUAL=flag), num_warps=nw)))
     return out
 
 
@@ -568,8 +631,8 @@ _PADS = {"main": ((64, 16), (128, 32)), "small": ((64, 16),)}
 
 
 def launcher_configs(dtype: torch.dtype) -> tuple[str, ...]:
-    """General-path config names the launchers can pick for ``dtype`` (fp64 always runs "small")."""
-    return ("small",) if dtype == torch.float64 else ("main", "small")
+    """General-path config names the launchers can pick for ``dtype`` (fp32 and fp64 always run "small")."""
+    return ("small",) if dtype in (torch.float32, torch.float64) else ("main", "small")
 
 
 def compile_configs(dtypes: Sequence[torch.dtype]):

@@ -9,9 +9,10 @@ order). Both NCHW and channels_last satisfy ``stride(h) == W * stride(w)``, so k
 its flattened index ``hw`` times one stride; tiles are [channels, hw] and coalesce along whichever of the
 two has stride 1.
 
-Known deviation (backward): the W reduction is a product with the [W, b] tap matrix, whose zeros
-multiply every grad element, so an inf/nan in grad_out turns that row's whole bin into nan (the
-reference keeps it to the cells whose taps touch it).
+Backward: the transposed interpolation as a gather in the C++ kernels' order (each gradient row spread
+onto its two source rows, rows ascending, then reduced along w onto the b cells, w ascending), with
+selections instead of tap-matrix products, so an inf/nan in grad_out reaches exactly the cells whose
+taps read it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ import triton.language as tl
 from ..geometry import acc_dtype, bin_offsets, is_channels_last
 from ..table_cache import cached_table
 from .common import CompileConfig, SIG_DTYPE, acc_tl, bin_channel_block, flat_hw_stride, pow2
+from .pooling import ROW_VECS, row_vec, vec_strides
 
 def _tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device):
-    """(i32 [2, nb] = sizes, packed offsets; acc [2, nb] = scale_h, scale_w), cached per device."""
+    """(i32 [2, nb] = sizes, packed offsets; acc [2, nb] = scale_h, scale_w; i32 [nb, max(bins) + 1] = per bin
+    the first image row of each source-row band i (the rows whose first tap i0 is i, exactly as ``_taps``
+    computes it: the same product in the acc dtype, truncated), then H), cached per device."""
     dt = acc_dtype(dtype)
 
     def make():
@@ -37,7 +41,12 @@ def _tables(bins: Sequence[int], height: int, width: int, dtype: torch.dtype, de
               for b in bins]
         sw = [torch.tensor(b - 1, dtype=dt) / (width - 1) if width > 1 else torch.tensor(0.0, dtype=dt)
               for b in bins]
-        return ints, torch.stack([torch.stack(sh), torch.stack(sw)]).to(device)
+        starts = []
+        for b, scale in zip(bins, sh):
+            i0 = torch.clamp((torch.arange(height, dtype=dt) * scale).to(torch.int64), max=b - 1)
+            starts.append([int((i0 < i).sum()) for i in range(b)] + [height] * (max(bins) + 1 - b))
+        return (ints, torch.stack([torch.stack(sh), torch.stack(sw)]).to(device),
+                torch.tensor(starts, dtype=torch.int32, device=device))
     return cached_table(("upsample", tuple(bins), height, width, dt, str(device)), make)
 
 
@@ -116,7 +125,7 @@ def _launch_forward(x: torch.Tensor | None, branches: torch.Tensor, out: torch.T
     _, r, s = branches.shape
     assert branches.is_contiguous()
     nb = len(bins)
-    ints, scales = _tables(bins, h, w, out.dtype, out.device)
+    ints, scales, _ = _tables(bins, h, w, out.dtype, out.device)
     bch, bhw, nw = UPSAMPLE_FWD_CONFIGS[config or ("cl" if is_channels_last(out) else "nchw")]
     x_blocks = 0 if x is None else triton.cdiv(channels, bch)
     src = out if x is None else x                     # x's strides are unused when it is not copied
@@ -166,61 +175,76 @@ def upsample_into(concat: torch.Tensor, branches: torch.Tensor, bins: Sequence[i
 
 @triton.jit
 def _upsample_bwd_kernel(
-    g_ptr,                      # grad_out [N, C + NB*R, H, W], any strides (NCHW or channels_last)
+    g_ptr,                      # grad_out [N, C + NB*R, H, W], NCHW or channels_last (any n, c, h, w strides)
     out_ptr,                    # [N, R, S] contiguous, grad_out's dtype
     bin_ptr, scale_ptr,         # tables as in _upsample_fwd_kernel
-    C, R, S, H, W,
-    stride_gn, stride_gc, stride_gh, stride_gw,
-    NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-    BI_PAD: tl.constexpr, BJ_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    start_ptr,                  # i32 [NB, SB]: first image row of each source-row band, then H (see _tables)
+    C, R, S, H, W_VEC, SB,      # W = W_VEC * VEC
+    stride_gn, stride_gc, stride_gh, stride_gw,     # n, c, h strides in units of VEC elements
+    NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    CELL_PAD: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    # Decomposition: grid (nb * R blocks, N); program (n, bin k, block of BLOCK_R channels) owns the
-    # b x b gradient cells of its channels. Separable transposed interpolation in a fixed order:
-    # for each image row h, t[r, j] = sum_w g[r, h, w] * A_w[w, j]  (tl.dot, A_w built from the taps),
-    # then the row is added to cells (h0, j), (h1, j) with weights (1 - lambda_h, lambda_h).
-    pid = tl.program_id(0)
+    # Decomposition: grid (nb * R blocks, N); program (n, bin k, block of BLOCK_R channels) owns the b x b
+    # gradient cells of its channels and reads its [BLOCK_R, H, W] slab of grad_out once, W in BLOCK_W
+    # chunks. Separable transposed interpolation in a fixed order, as the C++ kernels: the image rows
+    # whose first tap is source row i (band i, rows ascending, [BLOCK_R, BLOCK_H, BLOCK_W] tiles: all
+    # their loads in flight at once) are spread onto two running rows, cur (source row i, weight
+    # 1 - lambda_h) and nxt (row i + 1, weight lambda_h; both on row i at the last row); after band i,
+    # cur is complete and is cut into the b cells (i, j) along w (selections of its two taps, w
+    # ascending), then nxt becomes cur. No tap-matrix products: a non-finite gradient reaches exactly
+    # the cells whose taps read it.
     n = tl.program_id(1).to(tl.int64)
-    k, offs_r, mask_r, b, off = bin_channel_block(pid, R, bin_ptr, NB, BLOCK_R)
+    k, offs_r, mask_r, b, off = bin_channel_block(tl.program_id(0), R, bin_ptr, NB, BLOCK_R)
     scale_h = tl.load(scale_ptr + k)
     scale_w = tl.load(scale_ptr + NB + k)
-    ii = tl.arange(0, BI_PAD)
-    jj = tl.arange(0, BJ_PAD)
+    W = W_VEC * VEC
+    cell = tl.arange(0, CELL_PAD)
+    g_chan = (n * stride_gn + (C + k * R + offs_r).to(tl.int64) * stride_gc)[:, None, None]
+    mask_c = mask_r[:, None, None]
 
-    g_rows = g_ptr + n * stride_gn + (C + k * R + offs_r).to(tl.int64)[:, None] * stride_gc
-    acc = tl.zeros([BLOCK_R, BI_PAD, BJ_PAD], dtype=ACC_DTYPE)
-    for h in range(0, H):
-        t = tl.zeros([BLOCK_R, BJ_PAD], dtype=ACC_DTYPE)
-        for w_start in range(0, W, BLOCK_W):
-            offs_w = w_start + tl.arange(0, BLOCK_W)
-            mask_w = offs_w < W
-            gt = tl.load(g_rows + h * stride_gh + offs_w[None, :] * stride_gw,
-                         mask=mask_r[:, None] & mask_w[None, :], other=0.0).to(ACC_DTYPE)
-            w0, w1, lw0, lw1 = _taps(offs_w, scale_w, b, ACC_DTYPE)
-            a_w = (tl.where(jj[None, :] == w0[:, None], lw0[:, None], 0.0)
-                   + tl.where(jj[None, :] == w1[:, None], lw1[:, None], 0.0))              # [BLOCK_W, BJ_PAD]
-            a_w = tl.where(mask_w[:, None], a_w, 0.0)
-            t = tl.dot(gt, a_w.to(ACC_DTYPE), t, input_precision="ieee")
-        h0, h1, lh0, lh1 = _taps(h, scale_h, b, ACC_DTYPE)
-        a_h = tl.where(ii == h0, lh0, 0.0) + tl.where(ii == h1, lh1, 0.0)                  # [BI_PAD]
-        acc += a_h.to(ACC_DTYPE)[None, :, None] * t[:, None, :]
+    acc = tl.zeros([BLOCK_R, CELL_PAD], dtype=ACC_DTYPE)
+    for w0 in range(0, W, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        tw0, tw1, lw0, lw1 = _taps(w, scale_w, b, ACC_DTYPE)
+        cur = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC_DTYPE)
+        nxt = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC_DTYPE)
+        for i in range(0, b):
+            h_end = tl.load(start_ptr + k * SB + i + 1)
+            for h_start in range(tl.load(start_ptr + k * SB + i), h_end, BLOCK_H):
+                h = h_start + tl.arange(0, BLOCK_H)
+                _, th1, lh0, lh1 = _taps(h, scale_h, b, ACC_DTYPE)    # first tap: i (this band)
+                both = th1 == i                                      # last source row: both taps on it
+                w_cur = lh0 + tl.where(both, lh1, 0.0)
+                w_nxt = tl.where(both, 0.0, lh1)
+                offs = (g_chan + h.to(tl.int64)[None, :, None] * stride_gh) * VEC + w[None, None, :] * stride_gw
+                mask = mask_c & (h < h_end)[None, :, None] & (w < W)[None, None, :]
+                gt = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                cur += tl.sum(gt * w_cur[None, :, None], axis=1)
+                nxt += tl.sum(gt * w_nxt[None, :, None], axis=1)
+            for j in range(0, b):
+                part = tl.sum(tl.where((tw0 == j)[None, :], lw0[None, :] * cur, 0.0)
+                              + tl.where((tw1 == j)[None, :], lw1[None, :] * cur, 0.0), axis=1)
+                acc += tl.where((cell == i * b + j)[None, :], part[:, None], 0.0)
+            cur = nxt
+            nxt = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC_DTYPE)
 
-    cell = ii[:, None] * b + jj[None, :]                                                    # [BI_PAD, BJ_PAD]
-    mask = mask_r[:, None, None] & ((ii[:, None] < b) & (jj[None, :] < b))[None, :, :]
-    dst = out_ptr + (n * R + offs_r.to(tl.int64))[:, None, None] * S + off + cell[None, :, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    dst = out_ptr + (n * R + offs_r.to(tl.int64))[:, None] * S + off + cell[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & (cell < b * b)[None, :])
 
 
-# (BLOCK_R, BLOCK_W, num_warps): "nchw" reads 128-wide rows, "cl" 64 contiguous channels per pixel;
-# "small" serves fp64, narrow maps and few channels.
-UPSAMPLE_BWD_CONFIGS = {"nchw": (16, 128, 4), "cl": (64, 32, 4), "small": (16, 32, 4)}
+# (BLOCK_R, BLOCK_H, BLOCK_W, num_warps): 16 image rows per tile (a whole source-row band at 60x60 and 90x90
+# for bins 3 and 6). "nchw" / "nchw_wide" (w contiguous, W <= 64 / wider): 2048 elements, loads VEC wide
+# (see pooling.row_vec); "cl" (channels contiguous): 16 channels (>= 32 bytes per pixel) by 16 columns,
+# 4096 elements at 8 warps; "cl_small": 8 channels, for launches with too few programs (N=1).
+UPSAMPLE_BWD_CONFIGS = {"nchw": (2, 16, 64, 4), "nchw_wide": (1, 16, 128, 4), "cl": (16, 16, 16, 8),
+                        "cl_small": (8, 16, 32, 8)}
+MIN_PROGRAMS = 264          # two per SM of an H100 (132 SMs)
 
 
-def _upsample_bwd_config(dtype: torch.dtype, channels_last: bool, r: int, w: int) -> str:
-    if dtype == torch.float64:
-        return "small"
+def _upsample_bwd_config(channels_last: bool, programs_cl: int, w: int) -> str:
     if channels_last:
-        return "cl" if r >= 64 else "small"
-    return "nchw" if w > 32 else "small"
+        return "cl" if programs_cl >= MIN_PROGRAMS else "cl_small"
+    return "nchw" if w <= 64 else "nchw_wide"
 
 
 def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int, *,
@@ -242,17 +266,17 @@ def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channe
     out = torch.empty(n, r, s, dtype=grad_out.dtype, device=grad_out.device)
     if out.numel() == 0:
         return out
-    ints, scales = _tables(bins, h, w, grad_out.dtype, grad_out.device)
+    ints, scales, starts = _tables(bins, h, w, grad_out.dtype, grad_out.device)
     cl = grad_out.stride(1) == 1 and total > 1
-    br, bw, nw = UPSAMPLE_BWD_CONFIGS[config or _upsample_bwd_config(grad_out.dtype, cl, r, w)]
-    bmax = max(bins)
+    name = config or _upsample_bwd_config(cl, n * nb * triton.cdiv(r, UPSAMPLE_BWD_CONFIGS["cl"][0]), w)
+    br, bh, bw, nw = UPSAMPLE_BWD_CONFIGS[name]
+    vec = row_vec(grad_out.dtype, w, grad_out)
     grid = (nb * triton.cdiv(r, br), n)
     assert grid[1] < 65536, grid
     _upsample_bwd_kernel[grid](
-        grad_out, out, ints, scales, channels, r, s, h, w,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
-        NB=nb, BLOCK_R=br, BLOCK_W=bw, BI_PAD=pow2(bmax, 1), BJ_PAD=pow2(bmax),
-        ACC_DTYPE=acc_tl(grad_out.dtype), num_warps=nw)
+        grad_out, out, ints, scales, starts, channels, r, s, h, w // vec, starts.shape[1],
+        *vec_strides(grad_out, vec), NB=nb, BLOCK_R=br, BLOCK_H=bh, BLOCK_W=bw, CELL_PAD=pow2(max(bins) ** 2),
+        VEC=vec, ACC_DTYPE=acc_tl(grad_out.dtype), num_warps=nw)
     return out
 
 
@@ -261,14 +285,15 @@ def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channe
 # --------------------------------------------------------------------------------------------------
 
 def launcher_configs(dtype: torch.dtype) -> dict:
-    """``{"fwd": names, "bwd": names}`` the launchers can pick for ``dtype``."""
-    bwd = ("small",) if dtype == torch.float64 else tuple(UPSAMPLE_BWD_CONFIGS)
-    return {"fwd": tuple(UPSAMPLE_FWD_CONFIGS), "bwd": bwd}
+    """``{"fwd": names, "bwd": (name, VEC) pairs}`` the launchers can pick for ``dtype`` (VEC only where w is
+    contiguous)."""
+    vecs = [v for v in ROW_VECS if v * torch.empty((), dtype=dtype).element_size() <= 16]
+    bwd = [(name, v) for name in UPSAMPLE_BWD_CONFIGS for v in (vecs if name.startswith("nchw") else (1,))]
+    return {"fwd": tuple(UPSAMPLE_FWD_CONFIGS), "bwd": tuple(bwd)}
 
 
-# Backward (BI_PAD, BJ_PAD): default bins (max 6) -> (8, 16); max bin 9..16 -> (16, 16), registered for
-# the configs with the largest channel blocks.
-_BWD_PADS = {"nchw": ((8, 16), (16, 16)), "cl": ((8, 16), (16, 16)), "small": ((8, 16),)}
+# Backward CELL_PAD: default bins (max 6) -> 64; max bin 9..16 -> 256, registered for the VEC=1 configs.
+_BWD_CELLS = {1: (64, 256), 2: (64,), 4: (64,)}
 
 
 def compile_configs(dtypes: Sequence[torch.dtype]):
@@ -289,16 +314,16 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
                  "stride_on": "i32", "stride_oc": "i32", "stride_ohw": "i32",
                  "NB": "constexpr", "BLOCK_CH": "constexpr", "BLOCK_HW": "constexpr", "ACC_DTYPE": "constexpr"},
                 dict(NB=4, BLOCK_CH=bch, BLOCK_HW=bhw, ACC_DTYPE=tacc), num_warps=nw)))
-        for name in names["bwd"]:
-            br, bw, nw = UPSAMPLE_BWD_CONFIGS[name]
-            for bi, bj in _BWD_PADS[name]:
+        for name, vec in names["bwd"]:
+            br, bh, bw, nw = UPSAMPLE_BWD_CONFIGS[name]
+            for cells in _BWD_CELLS[vec]:
                 out.append((_upsample_bwd_kernel, CompileConfig(
-                    f"upsample_bwd/{dt}/{name}/b{bi}",
+                    f"upsample_bwd/{dt}/{name}/v{vec}/c{cells}",
                     {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "bin_ptr": "*i32", "scale_ptr": f"*{acc}",
-                     "C": "i32", "R": "i32", "S": "i32", "H": "i32", "W": "i32",
+                     "start_ptr": "*i32", "C": "i32", "R": "i32", "S": "i32", "H": "i32", "W_VEC": "i32", "SB": "i32",
                      "stride_gn": "i32", "stride_gc": "i32", "stride_gh": "i32", "stride_gw": "i32",
-                     "NB": "constexpr", "BLOCK_R": "constexpr", "BLOCK_W": "constexpr",
-                     "BI_PAD": "constexpr", "BJ_PAD": "constexpr", "ACC_DTYPE": "constexpr"},
-                    dict(NB=4, BLOCK_R=br, BLOCK_W=bw, BI_PAD=bi, BJ_PAD=bj, ACC_DTYPE=tacc),
+                     "NB": "constexpr", "BLOCK_R": "constexpr", "BLOCK_H": "constexpr", "BLOCK_W": "constexpr",
+                     "CELL_PAD": "constexpr", "VEC": "constexpr", "ACC_DTYPE": "constexpr"},
+                    dict(NB=4, BLOCK_R=br, BLOCK_H=bh, BLOCK_W=bw, CELL_PAD=cells, VEC=vec, ACC_DTYPE=tacc),
                     num_warps=nw)))
     return out
