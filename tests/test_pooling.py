@@ -16,6 +16,8 @@ from helpers import (assert_bits_independent_of_thread_count, assert_bitwise, as
 from psp_kernels import multibin_avg_pool, reference
 from psp_kernels.geometry import packed_size, split_bins
 
+pytestmark = pytest.mark.eager_twin      # the backend fixture also runs the eager ATen twin
+
 ops = torch.ops.psp
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (N, C, H, W, bins): overlapping windows; H, W < 6 (windows repeat rows); 12x12 with bins (1, 3, 5); nesting
