@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_low_precision_close, memory_format, requires_cuda
+from helpers import assert_bitwise, assert_low_precision_close, memory_format, requires_cuda
 from psp_kernels import eager, folded_conv, reference, training_conv
 from psp_kernels.geometry import acc_dtype
 from psp_kernels.nn.conv import fold_bn, foldable, fused_conv_bn, fused_conv_bn_sequence
@@ -91,10 +91,12 @@ def test_folded_conv_matches_conv_chain_fp64(backend, shape, geometry, layout):
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("geometry", [(1, 2, 0, 1), (3, 1, 2, 2), (3, 1, 4, 4)], ids=_id)
-def test_folded_conv_low_precision(backend, geometry, dtype):
-    """fp32/fp16/bf16, channels_last, C and O multiples of 8 (on cuda-cuda CUTLASS runs fp16/bf16)."""
+@pytest.mark.parametrize("c", [24, 40])
+def test_folded_conv_low_precision(backend, c, geometry, dtype):
+    """fp32/fp16/bf16, channels_last, C and O multiples of 8 (on cuda-cuda CUTLASS runs fp16/bf16); C=24 takes
+    Triton's packed (tap, channel) K walk for 3x3, C=40 its channel slices (two per tap, the second partial)."""
     k, stride, padding, dilation = geometry
-    x, weight, bias, res = make_inputs(2, 24, 40, 13, 17, k, stride, padding, dilation, dtype, "channels_last",
+    x, weight, bias, res = make_inputs(2, c, 40, 13, 17, k, stride, padding, dilation, dtype, "channels_last",
                                        device=backend.device)
     args = (x, weight, bias, res, stride, padding, dilation, True)
     out = folded_conv(*args)
@@ -549,6 +551,60 @@ def test_training_conv_deterministic_gradcheck_opcheck_and_errors(backend):
         training_conv(x[:1, :, :1, :1], weight[:, :, :1, :1], bn_weight, bn_bias, *stats(4, dev))
     with pytest.raises(ValueError, match="bn_weight must have shape"):
         training_conv(x, weight, bn_weight[:3], bn_bias, *stats(4, dev))
+
+
+@training_backends
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_training_conv_two_level_merges_fp64(backend, layout):
+    """A map of 4608 pixels: Triton merges its 72 conv tiles' statistics (fp64 tiles of 64 pixels) and sums
+    its 144 rows of BatchNorm backward sums (32 pixels a row) in two levels (chunks, then the chunks);
+    forward, gradients and grad_bn against the chain, and the same bits twice."""
+    dev = backend.device
+    x, weight, bn_weight, bn_bias, res = make_train_inputs(2, 4, 70, 48, 48, (1, 1, 0, 1), torch.float64, layout,
+                                                           True, device=dev)
+    x = x + 3.0                                              # a mean far from zero
+    out, y, mean, var = ops.training_conv(x, weight, bn_weight, bn_bias, res, 1, 0, 1, True, 1e-5)
+    y64 = F.conv2d(x, weight)
+    var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), unbiased=False)
+    assert nerr(mean, mean64) <= 1e-12 and nerr(var, var64) <= 1e-12
+    assert nerr(out, train_oracle(x, weight, bn_weight, bn_bias, res, 1, 0, 1, True)) <= 1e-12
+    g = torch.randn_like(out)
+    args = (g, y, out, bn_weight, bn_bias, mean, var, True, 1e-5, True)
+    got = ops.training_conv_bn_backward(*args)
+    for name, a, b in zip(("grad_bn_input", "grad_residual", "grad_bn"), got,
+                          reference.training_conv_bn_backward(*args)):
+        assert nerr(a, b) <= 1e-12, name
+    assert_bitwise((out, y, mean, var), ops.training_conv(x, weight, bn_weight, bn_bias, res, 1, 0, 1, True, 1e-5),
+                   "training_conv")
+    assert_bitwise(got, ops.training_conv_bn_backward(*args), "training_conv_bn_backward")
+
+
+@pytest.mark.backends("triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_two_level_merges(backend, dtype):
+    """The Triton merges at 1500 tiles and 5000 rows (two tile blocks and two row blocks per chunk, a partial
+    last tile, a partial channel block) against torch in fp64; the same bits twice."""
+    from psp_kernels.triton import conv as tconv
+    g = torch.Generator().manual_seed(0)
+    tiles, tile_pixels, o = 1500, 4, 70
+    m = tiles * tile_pixels - 2
+    y = torch.randn(m, o, generator=g, dtype=torch.float64) * 2 + 5
+    valid = (torch.arange(tiles * tile_pixels) < m).view(tiles, tile_pixels, 1)
+    padded = torch.cat([y, y.new_zeros(tiles * tile_pixels - m, o)]).view(tiles, tile_pixels, o)
+    tile_mean = padded.sum(1) / valid.sum(1)
+    tile_m2 = ((padded - tile_mean[:, None]) * valid).pow(2).sum(1)
+    part = torch.stack([tile_mean, tile_m2]).to(backend.device, dtype)
+    mean, var = tconv._merge_tiles(part, m, tile_pixels)
+    var64, mean64 = torch.var_mean(y, dim=0, unbiased=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert nerr(mean, mean64) <= tol and nerr(var, var64) <= tol
+    assert_bitwise((mean, var), tconv._merge_tiles(part, m, tile_pixels), "merge_tiles")
+    rows = torch.randn(2, 5000, o, generator=g, dtype=torch.float64).to(backend.device, dtype)
+    sums, again = (torch.empty(2, o, dtype=dtype, device=backend.device) for _ in range(2))
+    tconv._sum_rows(rows, sums)
+    tconv._sum_rows(rows, again)
+    assert nerr(sums, rows.double().sum(1)) <= tol
+    assert_bitwise((sums,), (again,), "sum_rows")
 
 
 @pytest.mark.backends("reference", "triton", "cuda", devices=("cuda",))

@@ -100,7 +100,7 @@ class _CompileJob:
         if self._results is None:
             res = []
             for p in self.procs:
-                out, err = p.communicate(timeout=900)
+                out, err = p.communicate(timeout=2400)
                 assert p.returncode == 0 and "@@RESULTS@@" in out, f"compile worker failed:\n{err[-4000:]}"
                 res += json.loads(out.split("@@RESULTS@@", 1)[1])
             self._results = res

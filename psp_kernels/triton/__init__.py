@@ -25,10 +25,11 @@ add_branch_bn_relu_backward         per-row BatchNorm sums, ordered sum, grad_co
                                     grad_branch_rows per row
 folded_conv                         implicit GEMM per (pixel block, out-channel block) with       1
                                     bias + residual + ReLU epilogue (backbone convs, BN folded)
-training_conv                       the implicit GEMM storing the conv output and per-tile        3
-                                    (mean, M2); ordered merge of the tiles; BatchNorm + residual
-                                    + ReLU per (pixel, channel) tile
-training_conv_bn_backward           per-tile BatchNorm sums, ordered sum, gradients per tile      3
+training_conv                       the implicit GEMM storing the conv output and per-tile      3 / 4
+                                    (mean, M2); two-level ordered merge of the tiles (one level
+                                    up to 32 tiles); BatchNorm + residual + ReLU per tile
+training_conv_bn_backward           per-tile BatchNorm sums, two-level ordered sum (one level    3 / 4
+                                    up to 64 rows), gradients per tile
 ==================================  ==========================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.

@@ -115,18 +115,23 @@ BLOCK_ROWS = 64      # partial rows per step of the ordered reductions
 @triton.jit
 def _sum_rows_kernel(part_ptr, out_ptr, ROWS, O, BLOCK_O: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                      ACC_DTYPE: tl.constexpr):
-    """out[j, o] = sum over rows of part[j, rows, o] (j = 0, 1), in row-block order (the BatchNorm
-    backward sums of the head and the backbone convs)."""
+    """out[j, c, o] = sum over the rows of chunk c of part[j, rows, o] (j = 0, 1; program (channel block, j,
+    c)), in row-block order: the BatchNorm backward sums of the head and the backbone convs. The chunks are
+    the grid's third axis: ``num_programs(2)`` chunks of whole BLOCK_ROWS blocks, out [2, chunks, O]; a
+    two-dimensional grid (one chunk) sums every row into out [2, O]. Summing [2, chunks, O] that way is the
+    second level of a two-level sum, in a fixed order."""
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
-    j = tl.program_id(1)
+    j, chunk, chunks = tl.program_id(1), tl.program_id(2), tl.num_programs(2)
+    per_chunk = tl.cdiv(tl.cdiv(ROWS, chunks), BLOCK_ROWS) * BLOCK_ROWS
+    end = tl.minimum(chunk * per_chunk + per_chunk, ROWS)
     acc = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for r0 in range(0, ROWS, BLOCK_ROWS):
+    for r0 in range(chunk * per_chunk, end, BLOCK_ROWS):
         offs_r = r0 + tl.arange(0, BLOCK_ROWS)
-        mask = (offs_r < ROWS)[:, None] & mask_o[None, :]
+        mask = (offs_r < end)[:, None] & mask_o[None, :]
         acc += tl.sum(tl.load(part_ptr + (j * ROWS + offs_r[:, None]).to(tl.int64) * O + offs_o[None, :],
                               mask=mask, other=0.0), axis=0)
-    tl.store(out_ptr + j * O + offs_o, acc, mask=mask_o)
+    tl.store(out_ptr + (j * chunks + chunk) * O + offs_o, acc, mask=mask_o)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,20 @@
 """Implicit-GEMM convolution with the inference epilogue, ``relu?(conv2d(x, w) + bias + residual?)``, and the
-training path built on it (per-tile BatchNorm statistics in the conv's epilogue, an ordered merge, one
-BatchNorm + residual + ReLU pass; the BatchNorm + ReLU backward in two passes).
+training path built on it (per-tile BatchNorm statistics in the conv's epilogue, a two-level ordered merge,
+one BatchNorm + residual + ReLU pass; the BatchNorm + ReLU backward in two passes and a two-level sum).
 
 GEMM view: M = N * Ho * Wo output pixels, N_gemm = O output channels, K = kh * kw * C. One program owns a
-BLOCK_M x BLOCK_N output tile; it loops over the kh * kw taps and, per tap, over C in BLOCK_K slices: the A
-tile is the input pixels that tap reads (``hi = ho * stride - padding + ky * dilation``, masked to zero
-outside the image: the conv's zero padding, which makes dilation free), the B tile the weight's
-[BLOCK_K, BLOCK_N] slice at that tap. Reads follow the tensors' strides, so channels_last x and weight
-(the layout the backbone runs in) give unit-stride loads along K; NCHW works too. Accumulation is fp32
-(fp64 for fp64; fp32 operands multiply in IEEE fp32, not TF32). The epilogue adds the bias (BatchNorm folded
-into the weight), the residual, applies ReLU and stores in the output's layout: one pass, no atomics,
-bitwise deterministic. Program order groups GROUP_M row tiles per column sweep for L2 reuse of the weight.
+BLOCK_M x BLOCK_N output tile and walks K in one loop, so the software pipeline runs across the taps. Per K
+step the A tile is the input pixels a tap reads (``hi = ho * stride - padding + ky * dilation``, masked to
+zero outside the image: the conv's zero padding, which makes dilation free), the B tile the weight at the
+same (tap, channel) pairs. K is walked either in channel slices, step s = (tap, BLOCK_K channels of it),
+or, for small C (the stem's C=3, where a slice would fill little of a step), packed: k = tap * C + c, each
+k gathered as (k // C, k % C). Reads follow the tensors' strides, so channels_last x and weight (the
+layout the backbone runs in) give unit-stride loads along K; NCHW works too (with BLOCK_N 64, see
+:func:`_blocks`). Accumulation is fp32 (fp64 for fp64); fp32 operands multiply in TF32 exactly when the
+eager cuDNN convolution would (``conv_dot_precision``: a GPU tensor and ``torch.backends.cudnn.allow_tf32``,
+PyTorch's default), else in IEEE fp32. The epilogue adds the bias (BatchNorm folded into the weight), the
+residual, applies ReLU and stores in the output's layout: one pass, no atomics, bitwise deterministic.
+Program order groups GROUP_M row tiles per column sweep for L2 reuse of the weight.
 """
 
 from __future__ import annotations
@@ -22,10 +26,50 @@ import triton
 import triton.language as tl
 
 from ..geometry import conv_output_size, is_channels_last
-from .common import (BLOCK_ROWS, SIG_DTYPE, CompileConfig, _sum_rows_kernel, acc_dtype, acc_tl, bn_vectors,
-                     channel_invstd, dot_upcast, eps_args, relu_nan)
+from .common import (BLOCK_ROWS, SIG_DTYPE, TL_DTYPE, CompileConfig, _sum_rows_kernel, acc_dtype, acc_tl,
+                     bn_vectors, channel_invstd, conv_dot_precision, dot_upcast, eps_args, relu_nan)
 
 GROUP_M = 8
+
+
+@triton.jit
+def _slice_tiles(x_ptr, w_ptr, step, c_steps, x_row, h0, w0, mask_m, w_col, mask_n, offs_k, C, H, W, dilation,
+                 sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K step ``step`` of the channel-slice walk: tap ``step // c_steps``, its channels from
+    ``(step % c_steps) * BLOCK_K`` on. The A tile is the input pixels the tap reads (masked to zero outside
+    the image), the B tile the weight's slice."""
+    tap = step // c_steps
+    ky, kx = tap // KW, tap % KW
+    dy, dx = ky * dilation, kx * dilation
+    c = (step - tap * c_steps) * BLOCK_K + offs_k
+    mask_c = c < C
+    inside = mask_m & (h0 >= -dy) & (h0 < H - dy) & (w0 >= -dx) & (w0 < W - dx)
+    a = tl.load(x_ptr + x_row[:, None] + (dy * sx_h + dx * sx_w + c * sx_c)[None, :],
+                mask=inside[:, None] & mask_c[None, :], other=0.0)
+    b = tl.load(w_ptr + w_col[None, :] + (ky * sw_h + kx * sw_w + c * sw_c)[:, None],
+                mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _packed_tiles(x_ptr, w_ptr, step, x_row, h0, w0, mask_m, w_col, mask_n, offs_k, C, H, W, dilation,
+                  sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K step ``step`` of the packed walk (small C): k = step * BLOCK_K + [0, BLOCK_K) over K = KH * KW * C,
+    each k gathered as (tap, channel) = (k // C, k % C)."""
+    k = step * BLOCK_K + offs_k
+    tap = k // C
+    c = k - tap * C
+    ky = tap // KW
+    kx = tap - ky * KW
+    dy, dx = ky * dilation, kx * dilation
+    mask_k = k < KH * KW * C
+    hi = h0[:, None] + dy[None, :]
+    wi = w0[:, None] + dx[None, :]
+    inside = (mask_m[:, None] & mask_k[None, :]) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    a = tl.load(x_ptr + x_row[:, None] + (dy * sx_h + dx * sx_w + c * sx_c)[None, :], mask=inside, other=0.0)
+    b = tl.load(w_ptr + w_col[None, :] + (ky * sw_h + kx * sw_w + c * sw_c)[:, None],
+                mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    return a, b
 
 
 @triton.jit
@@ -34,9 +78,9 @@ def _conv_fwd_kernel(
         C, H, W, O, HO, WO, M, stride, padding, dilation,
         sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w, so_n, so_c, so_h, so_w, sr_n, sr_c, sr_h, sr_w,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-        STATS: tl.constexpr,
+        STATS: tl.constexpr, PACK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(O, BLOCK_N)
     group = pid // (GROUP * tiles_n)
@@ -51,27 +95,31 @@ def _conv_fwd_kernel(
     n_img = offs_m // (HO * WO)
     pix = offs_m % (HO * WO)
     ho, wo = pix // WO, pix % WO
+    h0, w0 = ho * stride - padding, wo * stride - padding    # the input pixel tap (0, 0) reads
+    x_row = n_img * sx_n + h0 * sx_h + w0 * sx_w
+    w_col = offs_n * sw_o
     offs_k = tl.arange(0, BLOCK_K)
+    if PACK_K:
+        steps = tl.cdiv(KH * KW * C, BLOCK_K)
+    else:
+        c_steps = tl.cdiv(C, BLOCK_K)
+        steps = KH * KW * c_steps
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for tap in range(KH * KW):
-        hi = ho * stride - padding + (tap // KW) * dilation
-        wi = wo * stride - padding + (tap % KW) * dilation
-        inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        a_row = x_ptr + n_img * sx_n + hi * sx_h + wi * sx_w
-        b_col = w_ptr + offs_n * sw_o + (tap // KW) * sw_h + (tap % KW) * sw_w
-        for c0 in range(0, C, BLOCK_K):
-            k = c0 + offs_k
-            mask_k = k < C
-            a = tl.load(a_row[:, None] + k[None, :] * sx_c, mask=inside[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_col[None, :] + k[:, None] * sw_c, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if DOT_UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            if ACC_DTYPE == tl.float64:
-                acc += tl.dot(a, b, out_dtype=tl.float64)
-            elif a.dtype == tl.float32:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+    for step in range(steps):      # one loop over K: the software pipeline runs across taps
+        if PACK_K:
+            a, b = _packed_tiles(x_ptr, w_ptr, step, x_row, h0, w0, mask_m, w_col, mask_n, offs_k, C, H, W,
+                                 dilation, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, KH, KW, BLOCK_K)
+        else:
+            a, b = _slice_tiles(x_ptr, w_ptr, step, c_steps, x_row, h0, w0, mask_m, w_col, mask_n, offs_k, C, H, W,
+                                dilation, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, KW, BLOCK_K)
+        if DOT_UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if ACC_DTYPE == tl.float64:
+            acc = tl.dot(a, b, acc, out_dtype=tl.float64)
+        elif a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     tile = mask_m[:, None] & mask_n[None, :]
@@ -95,28 +143,45 @@ def _conv_fwd_kernel(
 
 
 
-EW_BLOCK_M, EW_BLOCK_O, EW_WARPS = 64, 64, 4   # the BatchNorm passes: (pixel, channel) tiles
+#: the BatchNorm passes' (pixel, channel) tiles: 16 elements per thread, so that NCHW tensors (an address per
+#: element) stay within 128 registers: 25 % occupancy or more
+EW_BLOCK_M, EW_BLOCK_O, EW_WARPS = 32, 64, 4
+MERGE_BLOCK_T = 32                             # conv tiles per step of the statistics merge
 
 
 @triton.jit
-def _merge_tiles_kernel(part_ptr, mean_ptr, var_ptr, TILES, O, M, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr):
-    """Per channel block: merge the conv tiles' (mean, M2), tile t holding min(BLOCK_M, M - t BLOCK_M) pixels,
-    in tile order (Chan); writes the batch mean and biased variance."""
+def _merge_tiles_kernel(part_ptr, mean_ptr, m2_ptr, TILES, O, M, TILE_PIXELS, TILES_PER_PROGRAM, M2_DIVISOR,
+                        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Program (channel block, c): merges the (mean, M2) rows [c, c + 1) * TILES_PER_PROGRAM of part[2, TILES, O],
+    tile t holding min(TILE_PIXELS, M - t TILE_PIXELS) pixels (every tile full but the last), into
+    ``mean[c, o]`` and ``m2[c, o] / M2_DIVISOR``. BLOCK_T tiles at a time in the closed form, mean = sum(n_t
+    mean_t) / sum(n_t), M2 = sum(M2_t) + sum(n_t (mean_t - mean)^2), those blocks in order by Chan's update:
+    a fixed order, no atomics. A merge of the merged chunks (TILE_PIXELS = TILES_PER_PROGRAM of the first
+    level times its TILE_PIXELS) gives the batch mean and, with M2_DIVISOR = M, the biased variance."""
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
+    first = tl.program_id(1) * TILES_PER_PROGRAM
+    end = tl.minimum(first + TILES_PER_PROGRAM, TILES)
     run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
     run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for t in range(0, TILES):
-        count = tl.cast(tl.minimum(M - t * BLOCK_M, BLOCK_M), ACC_DTYPE)
-        seen = tl.cast(t * BLOCK_M, ACC_DTYPE)
-        prow = part_ptr + t * O + offs_o
-        delta = tl.load(prow, mask=mask_o, other=0.0) - run_mean
-        run_mean += delta * (count / (seen + count))
-        run_m2 += tl.load(prow + TILES.to(tl.int64) * O, mask=mask_o, other=0.0) + delta * delta * (
-            seen * count / (seen + count))
-    tl.store(mean_ptr + offs_o, run_mean, mask=mask_o)
-    tl.store(var_ptr + offs_o, run_m2 / tl.cast(M, ACC_DTYPE), mask=mask_o)
+    for t0 in range(first, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        count = tl.where(t < end, tl.minimum(M - t * TILE_PIXELS, TILE_PIXELS), 0).to(ACC_DTYPE)
+        mask = (t < end)[:, None] & mask_o[None, :]
+        rows = part_ptr + t.to(tl.int64)[:, None] * O + offs_o[None, :]
+        mean_t = tl.load(rows, mask=mask, other=0.0)
+        block = tl.sum(count, axis=0)
+        mean = tl.sum(count[:, None] * mean_t, axis=0) / block
+        d = tl.where(mask, mean_t - mean[None, :], 0.0)
+        m2 = tl.sum(tl.load(rows + TILES.to(tl.int64) * O, mask=mask, other=0.0), axis=0) + tl.sum(
+            count[:, None] * d * d, axis=0)
+        seen = tl.cast(t0 - first, ACC_DTYPE) * TILE_PIXELS       # the tiles before t0 are full
+        delta = mean - run_mean
+        run_mean += delta * (block / (seen + block))
+        run_m2 += m2 + delta * delta * (seen * block / (seen + block))
+    row = tl.program_id(1) * O + offs_o
+    tl.store(mean_ptr + row, run_mean, mask=mask_o)
+    tl.store(m2_ptr + row, run_m2 / tl.cast(M2_DIVISOR, ACC_DTYPE), mask=mask_o)
 
 
 @triton.jit
@@ -205,29 +270,37 @@ def _bn_act_bwd_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, bn_weight_ptr, 
         tl.store(gr_ptr + at, g.to(gr_ptr.dtype.element_ty), mask=tile)
 
 
-def _blocks(dtype: torch.dtype, out_channels: int) -> dict:
-    """Tile shape and pipeline depth per dtype: 128 x 128 x 64 for 16-bit operands (128 KB of shared memory
-    at 4 stages), 128 x 128 x 32 for fp32, 64 x 64 x 16 for fp64; BLOCK_N 64 when O <= 64."""
+def _blocks(dtype: torch.dtype, out_channels: int, in_channels: int, taps: int, channels_last: bool) -> dict:
+    """Tile shape, K walk and pipeline depth: BLOCK_M x BLOCK_N x 32 with 8 warps for fp32 (TF32 tensor cores)
+    and 16-bit operands, 64 x 64 x 16 for fp64. K is packed (PACK_K) when a channel slice would fill under one
+    K step (C < BLOCK_K, the stem's C=3) and there are several taps (a 1x1 conv's K is C either way).
+    BLOCK_N is 128 for O > 64 in channels_last with the slice walk, else 64: in NCHW the epilogue reads and
+    writes every element at its own address, and 128 x 128 tiles spill there; the packed walk (the stem, O=64)
+    keeps to one config per kernel size. Stages: 4 for 16-bit (64 KB of shared memory at 128 x 128), 3 for
+    fp32 at 128 x 128 (96 KB), 2 at 128 x 64, which keeps a 1x1 conv at 128 registers (two programs per SM)
+    without a spill."""
+    block_k = 16 if dtype == torch.float64 else 32
+    pack = taps > 1 and in_channels < block_k
     if dtype == torch.float64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
-    block_n = 64 if out_channels <= 64 else 128
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, PACK_K=pack, num_warps=4, num_stages=2)
+    block_n = 128 if out_channels > 64 and channels_last and not pack else 64
+    stages = 4 if dtype != torch.float32 else 3 if block_n == 128 else 2
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, PACK_K=pack, num_warps=8, num_stages=stages)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
           stride: int, padding: int, dilation: int, relu: bool, stats: bool):
-    """Launch the implicit GEMM; returns ``(out, part)``, part [2, tiles_m, O] the per-tile (mean, M2) when
-    ``stats`` (else None). ``out`` is allocated in x's memory format."""
+    """Launch the implicit GEMM; returns ``(out, part, BLOCK_M)``, part [2, tiles_m, O] the per-tile (mean, M2)
+    of BLOCK_M pixels each when ``stats`` (else None). ``out`` is allocated in x's memory format."""
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     ho, wo = conv_output_size(h, kh, stride, padding, dilation), conv_output_size(w, kw, stride, padding, dilation)
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    channels_last = is_channels_last(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(n, o, ho, wo, dtype=x.dtype, device=x.device, memory_format=fmt)
     weight = weight.to(x.dtype)
     res = residual if residual is not None else out
-    cfg = _blocks(x.dtype, o)
+    cfg = _blocks(x.dtype, o, c, kh * kw, channels_last)
     m = n * ho * wo
     tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
     part = torch.empty(2, tiles_m, o, dtype=acc_dtype(x.dtype), device=x.device) if stats else None
@@ -235,8 +308,9 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resi
         x, weight, bias.to(acc_dtype(x.dtype)) if bias is not None else out, res, out, part if stats else out,
         c, h, w, o, ho, wo, m, stride, padding, dilation, *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
-        GROUP=GROUP_M, ACC_DTYPE=acc_tl(x.dtype), DOT_UPCAST=dot_upcast(x.dtype), **cfg)
-    return out, part
+        GROUP=GROUP_M, ACC_DTYPE=acc_tl(x.dtype), DOT_UPCAST=dot_upcast(x.dtype),
+        DOT_PRECISION=conv_dot_precision(x.dtype, x.device), **cfg)
+    return out, part, cfg["BLOCK_M"]
 
 
 def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
@@ -245,23 +319,59 @@ def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _conv(x, weight, bias, residual, stride, padding, dilation, relu, False)[0]
 
 
+def _chunk(rows: int, block: int) -> int:
+    """Rows per chunk of a two-level reduction: whole blocks, at most ``block`` chunks."""
+    return triton.cdiv(triton.cdiv(rows, min(triton.cdiv(rows, block), block)), block) * block
+
+
+def _merge_tiles(part: torch.Tensor, m: int, tile_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch (mean, biased variance) [O] from the conv tiles' part [2, tiles, O] in two levels: chunks of
+    tiles merged in parallel (at most MERGE_BLOCK_T chunks, MERGE_BLOCK_T tiles per step), then the chunks;
+    one launch when one chunk holds every tile."""
+    tiles, o = part.shape[1], part.shape[2]
+    per_chunk = _chunk(tiles, MERGE_BLOCK_T)
+    chunks = triton.cdiv(tiles, per_chunk)              # none empty: each counts per_chunk tiles but the last
+    consts = dict(BLOCK_T=MERGE_BLOCK_T, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=EW_WARPS)
+    mean = part.new_empty(o)
+    var = part.new_empty(o)
+    if chunks == 1:
+        _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), 1)](part, mean, var, tiles, o, m, tile_pixels, tiles, m,
+                                                             **consts)
+        return mean, var
+    merged = part.new_empty(2, chunks, o)
+    _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), chunks)](part, merged[0], merged[1], tiles, o, m, tile_pixels,
+                                                              per_chunk, 1, **consts)
+    _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), 1)](merged, mean, var, chunks, o, m, per_chunk * tile_pixels,
+                                                         chunks, m, **consts)
+    return mean, var
+
+
+def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out[j] = part[j].sum(0) (part [2, rows, O]) in two levels of :func:`_sum_rows_kernel`: chunks of rows
+    (at most BLOCK_ROWS chunks), then the chunks; one launch when the rows fit one step."""
+    rows, o = part.shape[1], part.shape[2]
+    chunks = triton.cdiv(rows, _chunk(rows, BLOCK_ROWS))
+    consts = dict(BLOCK_O=EW_BLOCK_O, BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=EW_WARPS)
+    if chunks > 1:
+        partial = part.new_empty(2, chunks, o)
+        _sum_rows_kernel[(triton.cdiv(o, EW_BLOCK_O), 2, chunks)](part, partial, rows, o, **consts)
+        part, rows = partial, chunks
+    _sum_rows_kernel[(triton.cdiv(o, EW_BLOCK_O), 2)](part, out, rows, o, **consts)
+
+
 def _ew_grid(m: int, o: int) -> tuple[int, int]:
     return (triton.cdiv(m, EW_BLOCK_M), triton.cdiv(o, EW_BLOCK_O))
 
 
 def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                   residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool, eps: float):
-    """Contract of ``psp_kernels.reference.training_conv``: ``(out, bn_input, mean, var)``. Three launches:
-    the conv with per-tile statistics in its epilogue, an ordered merge of the tiles (Chan), and one pass of
-    BatchNorm + residual + ReLU."""
-    y, part = _conv(x, weight, None, None, stride, padding, dilation, False, True)
+    """Contract of ``psp_kernels.reference.training_conv``: ``(out, bn_input, mean, var)``. Three or four
+    launches: the conv with per-tile statistics in its epilogue, the two-level ordered merge of the tiles
+    (:func:`_merge_tiles`: one launch up to MERGE_BLOCK_T tiles) and one pass of BatchNorm + residual + ReLU."""
+    y, part, tile_pixels = _conv(x, weight, None, None, stride, padding, dilation, False, True)
     n, o, ho, wo = y.shape
     m, acc = n * ho * wo, acc_dtype(x.dtype)
-    mean = torch.empty(o, dtype=acc, device=x.device)
-    var = torch.empty(o, dtype=acc, device=x.device)
-    _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O),)](part, mean, var, part.shape[1], o, m,
-                                                       BLOCK_M=_blocks(x.dtype, o)["BLOCK_M"], BLOCK_O=EW_BLOCK_O,
-                                                       ACC_DTYPE=acc_tl(x.dtype), num_warps=EW_WARPS)
+    mean, var = _merge_tiles(part, m, tile_pixels)
     out = torch.empty_like(y)
     res = residual if residual is not None else y
     bn_weight, bn_bias = bn_weight.to(acc).contiguous(), bn_bias.to(acc).contiguous()
@@ -276,8 +386,9 @@ def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, ou
                               bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                               relu: bool, eps: float, has_residual: bool):
     """Contract of ``psp_kernels.reference.training_conv_bn_backward``: ``(grad_bn_input, grad_residual,
-    grad_bn)``. Three launches: per-tile BatchNorm sums, their ordered sum, then the gradient of the conv
-    output (BatchNorm's input) and the residual's gradient."""
+    grad_bn)``. Three or four launches: per-tile BatchNorm sums, their two-level ordered sum (:func:`_sum_rows`:
+    one launch up to BLOCK_ROWS rows of pixel blocks), then the gradient of the conv output (BatchNorm's input) and the
+    residual's gradient."""
     y = bn_input
     n, o, ho, wo = y.shape
     m, acc = n * ho * wo, acc_dtype(y.dtype)
@@ -288,9 +399,7 @@ def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, ou
     strides = (*grad_out.stride(), *out.stride(), *y.stride())
     consts = dict(RELU=relu, BLOCK_M=EW_BLOCK_M, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=acc_tl(y.dtype), num_warps=EW_WARPS)
     _bn_act_bwd_sums_kernel[grid](grad_out, out, y, mean, var, part, o, ho, wo, m, *eps_args(eps), *strides, **consts)
-    _sum_rows_kernel[(triton.cdiv(o, EW_BLOCK_O), 2)](part, sums, grid[0], o, BLOCK_O=EW_BLOCK_O,
-                                                       BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=acc_tl(y.dtype),
-                                                       num_warps=EW_WARPS)
+    _sum_rows(part, sums)
     grad_y = torch.empty_like(y)
     grad_res = torch.empty_like(y, dtype=grad_out.dtype) if has_residual else y.new_empty(0, dtype=grad_out.dtype)
     _bn_act_bwd_kernel[grid](grad_out, out, y, mean, var, bn_weight, sums, grad_y, grad_res if has_residual else grad_y,
@@ -324,7 +433,8 @@ def _strides(prefix: str) -> dict:
 
 
 def compile_configs(dtypes: Sequence[torch.dtype]):
-    """``[(kernel, CompileConfig)]`` for every kernel size, epilogue and BLOCK_N choice of the conv, and every
+    """``[(kernel, CompileConfig)]`` for every kernel size, epilogue and tile choice (BLOCK_N, K walk) of the conv
+    (fp32 with DOT_PRECISION "tf32", what a GPU runs by default), the statistics merge and sum, and every
     flag combination of the BatchNorm passes, per dtype (stride, padding and dilation are runtime arguments)."""
     out = []
     conv_ints = {**_ints("C", "H", "W", "O", "HO", "WO", "M", "stride", "padding", "dilation"), **_strides("sx"),
@@ -333,21 +443,23 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
     for dtype in dtypes:
         dt, acc = SIG_DTYPE[dtype], SIG_DTYPE[acc_dtype(dtype)]
         tacc = acc_tl(dtype)
-        for out_channels in sorted({_blocks(dtype, o)["BLOCK_N"]: o for o in (64, 256)}.values()):
-            blocks = _blocks(dtype, out_channels)
-            warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
-            for k in KERNEL_SIZES:
+        for k in KERNEL_SIZES:
+            # the distinct configs of (C, O): slices at BLOCK_N 64 and 128, packed (small C)
+            variants = {str(b): b for b in (_blocks(dtype, o, c, k * k, True) for c in (256, 3) for o in (64, 256))}
+            for blocks in variants.values():
+                warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
                 for has_bias, has_res, relu, stats in EPILOGUES:
                     sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{acc}" if has_bias else f"*{dt}",
                            "res_ptr": f"*{dt}", "out_ptr": f"*{dt}", "part_ptr": f"*{acc}" if stats else f"*{dt}",
                            **conv_ints}
                     consts = dict(KH=k, KW=k, HAS_BIAS=has_bias, HAS_RES=has_res, RELU=relu, STATS=stats,
-                                  GROUP=GROUP_M, ACC_DTYPE=tacc, DOT_UPCAST=False, **blocks)
+                                  GROUP=GROUP_M, ACC_DTYPE=tacc, DOT_UPCAST=False,
+                                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", **blocks)
                     sig.update({name: "constexpr" for name in consts})
                     tag = "stats" if stats else ("res_" if has_res else "") + ("relu" if relu else "linear")
-                    out.append((_conv_fwd_kernel, CompileConfig(
-                        f"conv_fwd/{dt}/k{k}/n{blocks['BLOCK_N']}/{tag}", sig, consts, num_warps=warps,
-                        num_stages=stages)))
+                    cfg_name = f"conv_fwd/{dt}/k{k}{'/packed' if blocks['PACK_K'] else ''}/n{blocks['BLOCK_N']}/{tag}"
+                    out.append((_conv_fwd_kernel, CompileConfig(cfg_name, sig, consts, num_warps=warps,
+                                                                num_stages=stages)))
         ew = dict(BLOCK_M=EW_BLOCK_M, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=tacc)
         bn = {"mean_ptr": f"*{acc}", "var_ptr": f"*{acc}"}
         shape = _ints("O", "HO", "WO", "M")
@@ -374,10 +486,10 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
         if dtype not in (torch.float32, torch.float64):
             continue                    # the merges read accumulation-dtype partials only
         out.append((_merge_tiles_kernel, CompileConfig(
-            f"merge_tiles/{dt}", {"part_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}",
-                                  **_ints("TILES", "O", "M"), "BLOCK_M": "constexpr", "BLOCK_O": "constexpr",
-                                  "ACC_DTYPE": "constexpr"},
-            dict(BLOCK_M=_blocks(dtype, 256)["BLOCK_M"], BLOCK_O=EW_BLOCK_O, ACC_DTYPE=tacc), num_warps=EW_WARPS)))
+            f"merge_tiles/{dt}", {"part_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "m2_ptr": f"*{acc}",
+                                  **_ints("TILES", "O", "M", "TILE_PIXELS", "TILES_PER_PROGRAM", "M2_DIVISOR"),
+                                  "BLOCK_T": "constexpr", "BLOCK_O": "constexpr", "ACC_DTYPE": "constexpr"},
+            dict(BLOCK_T=MERGE_BLOCK_T, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=tacc), num_warps=EW_WARPS)))
         out.append((_sum_rows_kernel, CompileConfig(
             f"conv_sum_rows/{dt}", {"part_ptr": f"*{acc}", "out_ptr": f"*{acc}", **_ints("ROWS", "O"),
                                     "BLOCK_O": "constexpr", "BLOCK_ROWS": "constexpr", "ACC_DTYPE": "constexpr"},
