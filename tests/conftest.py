@@ -9,7 +9,8 @@ machine tests compiled Triton.
 Backends: a test that takes the ``backend`` fixture runs once per (device, kernel candidate) of the kernel
 table (``psp_kernels.dispatch``): on CPU tensors ``reference``, ``cpp`` (the compiled C++ kernels) and, when
 interpreting, ``triton``; on CUDA tensors ``reference``, ``triton`` and ``cuda`` (CUDA C++), skipped without
-a GPU; in tests marked ``eager_twin`` also ``eager`` on both. The fixture routes every op to that candidate (``psp_kernels.use_backend``) for the test's body.
+a GPU; in tests marked ``eager_twin`` also ``eager`` on both. The fixture routes every op to that candidate
+(``psp_kernels.use_backend``) for the test's body.
 """
 
 from __future__ import annotations
