@@ -135,7 +135,7 @@ def test_an_op_without_the_forced_candidate_keeps_its_default():
     """``eager`` forced on CPU: the PPM's pooling and upsampling passes run their eager twins, the 1x1
     reduction convs (no eager twin) keep their C++ kernel."""
     x = make_x(2, 8, 13, 17)
-    ppm = make_ppm(8, (1, 2, 3, 6)).eval()
+    ppm = make_ppm(8, (1, 2, 3, 6))[0].eval()
     with psp_kernels.use_backend("eager", "cpu"):
         assert native_ops(x, ppm) == {"psp_native::reduction_conv_bn_relu"}
     assert "psp_native::multibin_avg_pool_with_concat" in native_ops(x, ppm)
@@ -170,7 +170,7 @@ def test_triton_on_cpu_without_the_interpreter_is_explained():
 @pytest.fixture
 def fake_timing(monkeypatch, clean_table):
     """Autotune on CPU tensors with a fake timer: ``times[candidate]`` ms; the calls timed are recorded."""
-    times, timed = {"cpp": 2.0, "reference": 1.0, "triton": 3.0}, []
+    times, timed = {"cpp": 2.0, "reference": 1.0, "triton": 3.0, "eager": 4.0}, []
 
     def fake(candidate, run):
         run()
