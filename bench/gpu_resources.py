@@ -41,6 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # this checkout's psp_kernels
 
 from psp_kernels import triton as tri  # noqa: E402
+from psp_kernels.triton import common as tcommon  # noqa: E402
 from psp_kernels.triton import conv as tconv  # noqa: E402
 from psp_kernels.triton import head as thead  # noqa: E402
 from psp_kernels.triton import pooling as tpool  # noqa: E402
@@ -56,6 +57,7 @@ MODULE_KERNELS = {
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
     thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
             "_sum_rows_kernel", "_head_bwd_kernel"),
+    tcommon: ("_sum_rows_kernel",),      # launched by common.sum_rows for the head and the convs
     tconv: ("_conv_fwd_kernel", "_merge_tiles_kernel", "_bn_act_kernel", "_bn_act_bwd_sums_kernel", "_sum_rows_kernel",
             "_bn_act_bwd_kernel"),
 }

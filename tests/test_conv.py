@@ -585,6 +585,7 @@ def test_triton_two_level_merges(backend, dtype):
     """The Triton merges at 1500 tiles and 5000 rows (two tile blocks and two row blocks per chunk, a partial
     last tile, a partial channel block) against torch in fp64; the same bits twice."""
     from psp_kernels.triton import conv as tconv
+    from psp_kernels.triton.common import sum_rows
     g = torch.Generator().manual_seed(0)
     tiles, tile_pixels, o = 1500, 4, 70
     m = tiles * tile_pixels - 2
@@ -601,8 +602,8 @@ def test_triton_two_level_merges(backend, dtype):
     assert_bitwise((mean, var), tconv._merge_tiles(part, m, tile_pixels), "merge_tiles")
     rows = torch.randn(2, 5000, o, generator=g, dtype=torch.float64).to(backend.device, dtype)
     sums, again = (torch.empty(2, o, dtype=dtype, device=backend.device) for _ in range(2))
-    tconv._sum_rows(rows, sums)
-    tconv._sum_rows(rows, again)
+    sum_rows(rows, sums, tconv.EW_BLOCK_O, tconv.EW_WARPS)
+    sum_rows(rows, again, tconv.EW_BLOCK_O, tconv.EW_WARPS)
     assert nerr(sums, rows.double().sum(1)) <= tol
     assert_bitwise((sums,), (again,), "sum_rows")
 

@@ -134,6 +134,25 @@ def _sum_rows_kernel(part_ptr, out_ptr, ROWS, O, BLOCK_O: tl.constexpr, BLOCK_RO
     tl.store(out_ptr + (j * chunks + chunk) * O + offs_o, acc, mask=mask_o)
 
 
+def chunk_rows(rows: int, block: int) -> int:
+    """Rows per chunk of a two-level reduction: whole blocks, at most ``block`` chunks."""
+    return triton.cdiv(triton.cdiv(rows, min(triton.cdiv(rows, block), block)), block) * block
+
+
+def sum_rows(part: torch.Tensor, out: torch.Tensor, block_o: int, num_warps: int) -> None:
+    """out[j] = part[j].sum(0) (part [2, rows, O], out [2, O], accumulation dtype) in two levels of
+    :func:`_sum_rows_kernel`: chunks of rows (at most BLOCK_ROWS chunks), then the chunks, in a fixed order;
+    one launch when the rows fit one step. The BatchNorm backward sums of the head and the backbone convs."""
+    rows, o = part.shape[1], part.shape[2]
+    chunks = triton.cdiv(rows, chunk_rows(rows, BLOCK_ROWS))
+    consts = dict(BLOCK_O=block_o, BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=num_warps)
+    if chunks > 1:
+        partial = part.new_empty(2, chunks, o)
+        _sum_rows_kernel[(triton.cdiv(o, block_o), 2, chunks)](part, partial, rows, o, **consts)
+        part, rows = partial, chunks
+    _sum_rows_kernel[(triton.cdiv(o, block_o), 2)](part, out, rows, o, **consts)
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """One compile-only specialisation of a kernel: ASTSource signature/constexprs plus launch options."""

@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ..geometry import conv_output_size, is_channels_last
 from .common import (BLOCK_ROWS, SIG_DTYPE, TL_DTYPE, CompileConfig, _sum_rows_kernel, acc_dtype, acc_tl,
-                     bn_vectors, channel_invstd, conv_dot_precision, dot_upcast, eps_args, relu_nan)
+                     bn_vectors, channel_invstd, chunk_rows, conv_dot_precision, dot_upcast, eps_args, relu_nan,
+                     sum_rows)
 
 GROUP_M = 8
 
@@ -319,17 +320,12 @@ def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _conv(x, weight, bias, residual, stride, padding, dilation, relu, False)[0]
 
 
-def _chunk(rows: int, block: int) -> int:
-    """Rows per chunk of a two-level reduction: whole blocks, at most ``block`` chunks."""
-    return triton.cdiv(triton.cdiv(rows, min(triton.cdiv(rows, block), block)), block) * block
-
-
 def _merge_tiles(part: torch.Tensor, m: int, tile_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch (mean, biased variance) [O] from the conv tiles' part [2, tiles, O] in two levels: chunks of
     tiles merged in parallel (at most MERGE_BLOCK_T chunks, MERGE_BLOCK_T tiles per step), then the chunks;
     one launch when one chunk holds every tile."""
     tiles, o = part.shape[1], part.shape[2]
-    per_chunk = _chunk(tiles, MERGE_BLOCK_T)
+    per_chunk = chunk_rows(tiles, MERGE_BLOCK_T)
     chunks = triton.cdiv(tiles, per_chunk)              # none empty: each counts per_chunk tiles but the last
     consts = dict(BLOCK_T=MERGE_BLOCK_T, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=EW_WARPS)
     mean = part.new_empty(o)
@@ -344,19 +340,6 @@ def _merge_tiles(part: torch.Tensor, m: int, tile_pixels: int) -> tuple[torch.Te
     _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), 1)](merged, mean, var, chunks, o, m, per_chunk * tile_pixels,
                                                          chunks, m, **consts)
     return mean, var
-
-
-def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
-    """out[j] = part[j].sum(0) (part [2, rows, O]) in two levels of :func:`_sum_rows_kernel`: chunks of rows
-    (at most BLOCK_ROWS chunks), then the chunks; one launch when the rows fit one step."""
-    rows, o = part.shape[1], part.shape[2]
-    chunks = triton.cdiv(rows, _chunk(rows, BLOCK_ROWS))
-    consts = dict(BLOCK_O=EW_BLOCK_O, BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=EW_WARPS)
-    if chunks > 1:
-        partial = part.new_empty(2, chunks, o)
-        _sum_rows_kernel[(triton.cdiv(o, EW_BLOCK_O), 2, chunks)](part, partial, rows, o, **consts)
-        part, rows = partial, chunks
-    _sum_rows_kernel[(triton.cdiv(o, EW_BLOCK_O), 2)](part, out, rows, o, **consts)
 
 
 def _ew_grid(m: int, o: int) -> tuple[int, int]:
@@ -386,9 +369,9 @@ def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, ou
                               bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                               relu: bool, eps: float, has_residual: bool):
     """Contract of ``psp_kernels.reference.training_conv_bn_backward``: ``(grad_bn_input, grad_residual,
-    grad_bn)``. Three or four launches: per-tile BatchNorm sums, their two-level ordered sum (:func:`_sum_rows`:
-    one launch up to BLOCK_ROWS rows of pixel blocks), then the gradient of the conv output (BatchNorm's input) and the
-    residual's gradient."""
+    grad_bn)``. Three or four launches: per-tile BatchNorm sums, their two-level ordered sum
+    (:func:`~psp_kernels.triton.common.sum_rows`: one launch up to BLOCK_ROWS rows of pixel blocks), then the
+    gradient of the conv output (BatchNorm's input) and the residual's gradient."""
     y = bn_input
     n, o, ho, wo = y.shape
     m, acc = n * ho * wo, acc_dtype(y.dtype)
@@ -399,7 +382,7 @@ def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, ou
     strides = (*grad_out.stride(), *out.stride(), *y.stride())
     consts = dict(RELU=relu, BLOCK_M=EW_BLOCK_M, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=acc_tl(y.dtype), num_warps=EW_WARPS)
     _bn_act_bwd_sums_kernel[grid](grad_out, out, y, mean, var, part, o, ho, wo, m, *eps_args(eps), *strides, **consts)
-    _sum_rows(part, sums)
+    sum_rows(part, sums, EW_BLOCK_O, EW_WARPS)
     grad_y = torch.empty_like(y)
     grad_res = torch.empty_like(y, dtype=grad_out.dtype) if has_residual else y.new_empty(0, dtype=grad_out.dtype)
     _bn_act_bwd_kernel[grid](grad_out, out, y, mean, var, bn_weight, sums, grad_y, grad_res if has_residual else grad_y,

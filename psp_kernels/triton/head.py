@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ..geometry import acc_dtype
 from .common import (BLOCK_ROWS, CompileConfig, SIG_DTYPE, _sum_rows_kernel, acc_tl, bn_vectors, conv_dot_precision,
-                     eps_args, pow2, relu_nan)
+                     eps_args, pow2, relu_nan, sum_rows)
 
 BLOCK_O = 32         # channels per program
 BLOCK_W = 32         # columns per step along the row (forward)
@@ -327,8 +327,7 @@ def add_branch_bn_relu_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, 
     _head_bwd_sums_kernel[_grid(n, o, h)](grad_out, z, bn_weight, bn_bias, mean, var, part, o, h, w, hi, lo, *strides,
                                           BLOCK_O=BLOCK_O, BLOCK_W=BWD_BLOCK_W, ACC_DTYPE=tacc,
                                           num_warps=BWD_NUM_WARPS)
-    _sum_rows_kernel[(triton.cdiv(o, BLOCK_O), 2)](part, sums, n * h, o, BLOCK_O=BLOCK_O, BLOCK_ROWS=BLOCK_ROWS,
-                                                    ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+    sum_rows(part, sums, BLOCK_O, NUM_WARPS)
     grad_y = torch.empty_like(z)
     grad_u = torch.empty(n, o, h, k, dtype=acc, device=z.device)
     _head_bwd_kernel[_grid(n, o, h)](grad_out, z, bw, bn_weight, bn_bias, mean, var, sums, grad_y, grad_u,
