@@ -21,8 +21,8 @@ upsample_into                       upsample_concat writing only the branch chan
 add_branch_bn_relu                  program per ((n, h) row, O block): branch term + add +      1 / 3
                                     BatchNorm + ReLU (eval / training: stats, ordered merge,
                                     normalise)
-add_branch_bn_relu_backward         per-row BatchNorm sums, ordered sum, grad_conv_out +          3
-                                    grad_branch_rows per row
+add_branch_bn_relu_backward         per-row BatchNorm sums, two-level ordered sum, grad_conv_out  3 / 4
+                                    + grad_branch_rows per row
 folded_conv                         implicit GEMM per (pixel block, out-channel block) with       1
                                     bias + residual + ReLU epilogue (backbone convs, BN folded)
 training_conv                       the implicit GEMM storing the conv output and per-tile      3 / 4
