@@ -153,13 +153,14 @@ def drive_launchers(dtype: torch.dtype, n: int, hw: int, channels_last: bool) ->
 
 
 def launch_config(entry, args, kw):
-    """The registered config of ``entry`` a launch uses: the same constexprs, num_warps and pointer dtypes;
-    None if there is none."""
+    """The registered config of ``entry`` a launch uses: the same constexprs, num_warps, register cap and pointer
+    dtypes; None if there is none."""
     for cfg in entry.configs:
         sig = list(cfg.signature.values())
         ptr_ok = all(sig[i] == "*" + SIG_DTYPE[a.dtype] for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", *LAUNCH_CHOSEN)}
+        consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "maxnreg", *LAUNCH_CHOSEN)}
         if (ptr_ok and cfg.num_warps == kw["num_warps"] and cfg.num_stages == kw.get("num_stages", cfg.num_stages)
+                and cfg.options.get("maxnreg") == kw.get("maxnreg")
                 and all(cfg.constexprs.get(k) == v for k, v in consts.items())):
             return cfg
     return None

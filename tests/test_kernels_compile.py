@@ -343,24 +343,8 @@ TENSOR_CORE_KERNELS = ("_conv_fwd_kernel", "_reduction_fwd_kernel", "_dgrad_kern
 MIN_MEMORY_BOUND_OCCUPANCY = 0.25
 
 
-#: budgets not met yet, with what the table measured (``python bench/gpu_resources.py``): open items of the
-#: GPU issue, listed so CI shows them; strict, so the test fails once one is met and its entry must go
-OPEN_BUDGETS = {
-    ("_pool_fwd_kernel", 80): "general (non-nesting) pooling path at 61x61: 255 registers, 12.5 % occupancy",
-    ("_pool_fwd_kernel", 90): "general pooling path at 61x61: 244 registers, 12.5 % occupancy; 4 B spill "
-                              "(16-bit, NCHW with the concat copy, N=1)",
-    ("_pool_bwd_kernel", 80): "general pooling path at 61x61: 255 registers, 12.5 % occupancy",
-    ("_pool_bwd_kernel", 90): "general pooling path at 61x61: 245 registers, 12.5 % occupancy",
-}
-
-
-def _budget_params():
-    return [pytest.param(e.name, cc, id=f"{e.name}-{cc}", marks=[pytest.mark.xfail(
-        strict=True, reason=f"open: {OPEN_BUDGETS[e.name, cc]}")] if (e.name, cc) in OPEN_BUDGETS else [])
-        for e in tri.KERNELS for cc in (80, 90)]
-
-
-@pytest.mark.parametrize("kernel,cc", _budget_params())
+@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("kernel", [e.name for e in tri.KERNELS])
 def test_triton_resource_budgets(compile_job, kernel, cc):
     """The budgets of the binaries a GPU would run: every launched fp32 / fp16 / bf16 specialisation of the
     job above (per config and layout the least specialised one at the benchmark shapes; the full table of

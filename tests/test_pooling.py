@@ -242,27 +242,35 @@ def test_cuda_bits_equal_the_cpp_kernels(backend, dtype, layout):
 # The Triton launchers' block configs and nested path
 # --------------------------------------------------------------------------------------------------
 
-def triton_pool_configs() -> list[str]:
-    from psp_kernels.triton import pooling as tpool
-    return list(tpool.POOL_FWD_CONFIGS)
-
-
 @pytest.mark.backends("triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("config", triton_pool_configs())
-def test_triton_configs(backend, config, dtype):
-    """Every block config of the general path on a map with partial tiles in every blocked dim."""
+@pytest.mark.parametrize("bins,height,width", [((1, 2, 3, 6), 5, 70), ((1, 2), 3, 150), ((1, 2), 40, 13),
+                                               ((1, 3, 5, 8), 8, 20), ((2, 7), 3, 4)],
+                         ids=["w70", "w150", "rows40", "s128", "repeats"])
+def test_triton_general_path(backend, bins, height, width, dtype):
+    """The general path, forced: several W chunks (70 columns in channels_last, 150 in NCHW), partial tiles in
+    every blocked dim (20 channels), row segments longer than a 16-row tile (bins 1/2 on 40 rows: two 20-row
+    segments), 128-cell / 32-column tables (bins 1/3/5/8: S = 99, J = 17), windows repeating rows and columns
+    (bin 7 on a 3x4 map: up to 3 cells of a column hold one row), and NaN locality in both directions."""
     from psp_kernels.triton import pooling as tpool
-    bins = (1, 2, 3, 6)
+    s = packed_size(bins)
     for cl in (False, True):
-        x = make_x(1, 40, 5, 70, dtype, "channels_last" if cl else "nchw", backend.device)  # 2 channel blocks
-        assert_matches_oracle(tpool.multibin_avg_pool(x, bins, config=config), reference.multibin_avg_pool(x, bins),
-                              reference.multibin_avg_pool, (x, bins), config)
-        g = rand(1, 40, 50, dtype=dtype, device=backend.device)
-        args = (g, bins, 5, 70, cl)
-        assert_matches_oracle(tpool.multibin_avg_pool_backward(*args, config=config),
+        x = make_x(1, 20, height, width, dtype, "channels_last" if cl else "nchw", backend.device)
+        assert_matches_oracle(tpool.multibin_avg_pool(x, bins, config="general"), reference.multibin_avg_pool(x, bins),
+                              reference.multibin_avg_pool, (x, bins), "forward")
+        g = rand(1, 20, s, dtype=dtype, device=backend.device)
+        args = (g, bins, height, width, cl)
+        assert_matches_oracle(tpool.multibin_avg_pool_backward(*args, config="general"),
                               reference.multibin_avg_pool_backward(*args), reference.multibin_avg_pool_backward, args,
-                              config)
+                              "backward")
+        x[0, 3, height // 2, width // 3] = float("nan")
+        assert torch.equal(tpool.multibin_avg_pool(x, bins, config="general").isnan(),
+                           reference.multibin_avg_pool(x.double(), bins).isnan())
+        g[0, 3, s - 1] = float("nan")
+        cell = torch.zeros(1, 20, s, dtype=torch.float64, device=backend.device)
+        cell[0, 3, s - 1] = 1.0
+        assert torch.equal(tpool.multibin_avg_pool_backward(*args, config="general").isnan(),
+                           reference.multibin_avg_pool_backward(cell, bins, height, width, cl) != 0)
 
 
 @pytest.mark.backends("triton")

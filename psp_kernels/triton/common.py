@@ -175,13 +175,3 @@ def bin_channel_block(pid, R, bin_ptr, NB: tl.constexpr, BLOCK_R: tl.constexpr):
     k = pid // n_rblocks
     offs_r = (pid % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     return k, offs_r, offs_r < R, tl.load(bin_ptr + k), tl.load(bin_ptr + NB + k)
-
-
-@triton.jit
-def load_cell_tables(cell_ptr, col_ptr, S_PAD: tl.constexpr, J_PAD: tl.constexpr):
-    """The pooling tables: per packed cell its row window [rs, re) and column cell; per column cell
-    its column window [cs, ce) (see pooling.py)."""
-    q = tl.arange(0, S_PAD)
-    jc = tl.arange(0, J_PAD)
-    return (q, tl.load(cell_ptr + q), tl.load(cell_ptr + S_PAD + q), tl.load(cell_ptr + 2 * S_PAD + q),
-            jc, tl.load(col_ptr + jc), tl.load(col_ptr + J_PAD + jc))
