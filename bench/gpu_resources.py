@@ -55,9 +55,9 @@ MODULE_KERNELS = {
     treduction: ("_reduction_fwd_kernel", "_reduction_bn_act_kernel", "_bn_bwd_kernel", "_dgrad_kernel",
                  "_wgrad_kernel"),
     tup: ("_upsample_fwd_kernel", "_upsample_bwd_kernel"),
-    thead: ("_head_fwd_kernel", "_merge_stats_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
+    thead: ("_head_fwd_kernel", "_merge_tiles_kernel", "_head_norm_kernel", "_head_bwd_sums_kernel",
             "_sum_rows_kernel", "_head_bwd_kernel"),
-    tcommon: ("_sum_rows_kernel",),      # launched by common.sum_rows for the head and the convs
+    tcommon: ("_sum_rows_kernel", "_merge_tiles_kernel"),    # common.sum_rows / merge_tiles: head and convs
     tconv: ("_conv_fwd_kernel", "_merge_tiles_kernel", "_bn_act_kernel", "_bn_act_bwd_sums_kernel", "_sum_rows_kernel",
             "_bn_act_bwd_kernel"),
 }

@@ -585,7 +585,7 @@ def test_triton_two_level_merges(backend, dtype):
     """The Triton merges at 1500 tiles and 5000 rows (two tile blocks and two row blocks per chunk, a partial
     last tile, a partial channel block) against torch in fp64; the same bits twice."""
     from psp_kernels.triton import conv as tconv
-    from psp_kernels.triton.common import sum_rows
+    from psp_kernels.triton.common import merge_tiles, sum_rows
     g = torch.Generator().manual_seed(0)
     tiles, tile_pixels, o = 1500, 4, 70
     m = tiles * tile_pixels - 2
@@ -595,11 +595,11 @@ def test_triton_two_level_merges(backend, dtype):
     tile_mean = padded.sum(1) / valid.sum(1)
     tile_m2 = ((padded - tile_mean[:, None]) * valid).pow(2).sum(1)
     part = torch.stack([tile_mean, tile_m2]).to(backend.device, dtype)
-    mean, var = tconv._merge_tiles(part, m, tile_pixels)
+    mean, var = merge_tiles(part, m, tile_pixels, tconv.EW_BLOCK_O, tconv.EW_WARPS)
     var64, mean64 = torch.var_mean(y, dim=0, unbiased=False)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert nerr(mean, mean64) <= tol and nerr(var, var64) <= tol
-    assert_bitwise((mean, var), tconv._merge_tiles(part, m, tile_pixels), "merge_tiles")
+    assert_bitwise((mean, var), merge_tiles(part, m, tile_pixels, tconv.EW_BLOCK_O, tconv.EW_WARPS), "merge_tiles")
     rows = torch.randn(2, 5000, o, generator=g, dtype=torch.float64).to(backend.device, dtype)
     sums, again = (torch.empty(2, o, dtype=dtype, device=backend.device) for _ in range(2))
     sum_rows(rows, sums, tconv.EW_BLOCK_O, tconv.EW_WARPS)

@@ -384,8 +384,8 @@ def test_rejects_a_conv_or_batchnorm_the_identity_does_not_cover():
 # The op's candidates (psp_kernels.dispatch: no CUDA C++ kernel).
 epilogue_backends = pytest.mark.backends("reference", "cpp", "triton")
 # (N, O, H, W, K): odd map, N=1 with O over one channel block and W < a column block, W over two column
-# blocks, N*H over one block of merged rows (the Triton interpreter runs these four); then the GPU cases: an
-# odd map with W over two column blocks, PSPNet's 60x60 head at O = 512.
+# blocks, N*H = 80 rows (a two-level statistics merge, two blocks of summed rows): the Triton interpreter runs
+# these four; then the GPU cases: an odd map with W over two column blocks, PSPNet's 60x60 head at O = 512.
 EPILOGUE_INTERPRETED = [(2, 6, 13, 17, 36), (1, 40, 5, 4, 9), (2, 33, 3, 70, 36), (2, 5, 40, 3, 9)]
 EPILOGUE_CASES = EPILOGUE_INTERPRETED + [(2, 33, 13, 70, 36), (2, 512, 60, 60, 36)]
 #: N=16 at 90x90 (the 713 crop's batch): on a GPU only (about 20 s a case on the CPU backends)

@@ -5,7 +5,7 @@ candidate of :data:`psp_kernels.dispatch.KERNEL_TABLE`). Decomposition, per op:
 op                                  parallel decomposition                                      launches
 ==================================  ==========================================================  =========
 multibin_avg_pool                   program per (n, channel block): one pass over x, all bins     1
-multibin_avg_pool_backward          program per (n, channel block, row block): gather            1
+multibin_avg_pool_backward          program per (channel block, row block, n): gather            1
 multibin_avg_pool_with_concat       the pooling that also copies x into the concat buffer         1
 multibin_avg_pool_backward_add      the pooling backward plus the pass-through gradient           1
 reduction_conv_bn_relu              parameter pack (torch.cat); program per (row tile, R block): 2 / 3
@@ -18,9 +18,9 @@ upsample_concat                     program per (hw block, channel block, n): co
                                     interpolate
 upsample_concat_backward            program per (n, bin, R block): separable transposed interp.   1
 upsample_into                       upsample_concat writing only the branch channels             1
-add_branch_bn_relu                  program per ((n, h) row, O block): branch term + add +      1 / 3
-                                    BatchNorm + ReLU (eval / training: stats, ordered merge,
-                                    normalise)
+add_branch_bn_relu                  program per ((n, h) row, O block): branch term + add +    1 / 3-4
+                                    BatchNorm + ReLU (eval / training: per-row stats, two-level
+                                    ordered merge (one level up to 32 rows), normalise)
 add_branch_bn_relu_backward         per-row BatchNorm sums, two-level ordered sum, grad_conv_out  3 / 4
                                     + grad_branch_rows per row
 folded_conv                         implicit GEMM per (pixel block, out-channel block) with       1
@@ -33,7 +33,7 @@ training_conv_bn_backward           per-tile BatchNorm sums, two-level ordered s
 ==================================  ==========================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
-bins 1/2/3/6 at 60x60 or 90x90 (see pooling.py). The whole-PPM op runs multibin_avg_pool_with_concat,
+bins 1/2/3/6 at 60x60 or 90x90, else the general path (elementary row segments; see pooling.py). The whole-PPM op runs multibin_avg_pool_with_concat,
 reduction_conv_bn_relu, upsample_into: 4 launches in eval.
 
 Every output element is written by exactly one program that reduces in a fixed order: results are

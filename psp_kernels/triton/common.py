@@ -153,6 +153,69 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor, block_o: int, num_warps: int
     _sum_rows_kernel[(triton.cdiv(o, block_o), 2)](part, out, rows, o, **consts)
 
 
+MERGE_BLOCK_T = 32                             # tiles per step of the statistics merge
+
+
+@triton.jit
+def _merge_tiles_kernel(part_ptr, mean_ptr, m2_ptr, TILES, O, M, TILE_PIXELS, TILES_PER_PROGRAM, M2_DIVISOR,
+                        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Program (channel block, c): merges the (mean, M2) rows [c, c + 1) * TILES_PER_PROGRAM of part[2, TILES, O],
+    tile t holding min(TILE_PIXELS, M - t TILE_PIXELS) pixels (every tile full but the last), into
+    ``mean[c, o]`` and ``m2[c, o] / M2_DIVISOR``. BLOCK_T tiles at a time in the closed form, mean = sum(n_t
+    mean_t) / sum(n_t), M2 = sum(M2_t) + sum(n_t (mean_t - mean)^2), those blocks in order by Chan's update:
+    a fixed order, no atomics. A merge of the merged chunks (TILE_PIXELS = TILES_PER_PROGRAM of the first
+    level times its TILE_PIXELS) gives the batch mean and, with M2_DIVISOR = M, the biased variance."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O
+    first = tl.program_id(1) * TILES_PER_PROGRAM
+    end = tl.minimum(first + TILES_PER_PROGRAM, TILES)
+    run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
+    for t0 in range(first, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        count = tl.where(t < end, tl.minimum(M - t * TILE_PIXELS, TILE_PIXELS), 0).to(ACC_DTYPE)
+        mask = (t < end)[:, None] & mask_o[None, :]
+        rows = part_ptr + t.to(tl.int64)[:, None] * O + offs_o[None, :]
+        mean_t = tl.load(rows, mask=mask, other=0.0)
+        block = tl.sum(count, axis=0)
+        mean = tl.sum(count[:, None] * mean_t, axis=0) / block
+        d = tl.where(mask, mean_t - mean[None, :], 0.0)
+        m2 = tl.sum(tl.load(rows + TILES.to(tl.int64) * O, mask=mask, other=0.0), axis=0) + tl.sum(
+            count[:, None] * d * d, axis=0)
+        seen = tl.cast(t0 - first, ACC_DTYPE) * TILE_PIXELS       # the tiles before t0 are full
+        delta = mean - run_mean
+        run_mean += delta * (block / (seen + block))
+        run_m2 += m2 + delta * delta * (seen * block / (seen + block))
+    row = tl.program_id(1) * O + offs_o
+    tl.store(mean_ptr + row, run_mean, mask=mask_o)
+    tl.store(m2_ptr + row, run_m2 / tl.cast(M2_DIVISOR, ACC_DTYPE), mask=mask_o)
+
+
+def merge_tiles(part: torch.Tensor, m: int, tile_pixels: int, block_o: int,
+                num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch (mean, biased variance) [O] of M values per channel from per-tile (mean, M2) part [2, tiles, O]
+    (accumulation dtype; tile t holds min(tile_pixels, M - t tile_pixels) values) in two levels of
+    :func:`_merge_tiles_kernel`: chunks of tiles merged in parallel (at most MERGE_BLOCK_T chunks, MERGE_BLOCK_T
+    tiles per step), then the chunks, in a fixed order; one launch when one chunk holds every tile. The
+    training statistics of the backbone convs (pixel tiles) and of the head (image rows)."""
+    tiles, o = part.shape[1], part.shape[2]
+    per_chunk = chunk_rows(tiles, MERGE_BLOCK_T)
+    chunks = triton.cdiv(tiles, per_chunk)              # none empty: each counts per_chunk tiles but the last
+    consts = dict(BLOCK_T=MERGE_BLOCK_T, BLOCK_O=block_o, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=num_warps)
+    mean = part.new_empty(o)
+    var = part.new_empty(o)
+    if chunks == 1:
+        _merge_tiles_kernel[(triton.cdiv(o, block_o), 1)](part, mean, var, tiles, o, m, tile_pixels, tiles, m,
+                                                             **consts)
+        return mean, var
+    merged = part.new_empty(2, chunks, o)
+    _merge_tiles_kernel[(triton.cdiv(o, block_o), chunks)](part, merged[0], merged[1], tiles, o, m, tile_pixels,
+                                                              per_chunk, 1, **consts)
+    _merge_tiles_kernel[(triton.cdiv(o, block_o), 1)](merged, mean, var, chunks, o, m, per_chunk * tile_pixels,
+                                                         chunks, m, **consts)
+    return mean, var
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """One compile-only specialisation of a kernel: ASTSource signature/constexprs plus launch options."""

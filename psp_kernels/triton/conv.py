@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from ..geometry import conv_output_size, is_channels_last
-from .common import (BLOCK_ROWS, SIG_DTYPE, TL_DTYPE, CompileConfig, _sum_rows_kernel, acc_dtype, acc_tl,
-                     bn_vectors, channel_invstd, chunk_rows, conv_dot_precision, dot_upcast, eps_args, relu_nan,
-                     sum_rows)
+from .common import (BLOCK_ROWS, MERGE_BLOCK_T, SIG_DTYPE, CompileConfig, _merge_tiles_kernel,
+                     _sum_rows_kernel, acc_dtype, acc_tl, bn_vectors, channel_invstd, conv_dot_precision, dot_upcast,
+                     eps_args, merge_tiles, relu_nan, sum_rows)
 
 GROUP_M = 8
 
@@ -147,42 +147,6 @@ def _conv_fwd_kernel(
 #: the BatchNorm passes' (pixel, channel) tiles: 16 elements per thread, so that NCHW tensors (an address per
 #: element) stay within 128 registers: 25 % occupancy or more
 EW_BLOCK_M, EW_BLOCK_O, EW_WARPS = 32, 64, 4
-MERGE_BLOCK_T = 32                             # conv tiles per step of the statistics merge
-
-
-@triton.jit
-def _merge_tiles_kernel(part_ptr, mean_ptr, m2_ptr, TILES, O, M, TILE_PIXELS, TILES_PER_PROGRAM, M2_DIVISOR,
-                        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Program (channel block, c): merges the (mean, M2) rows [c, c + 1) * TILES_PER_PROGRAM of part[2, TILES, O],
-    tile t holding min(TILE_PIXELS, M - t TILE_PIXELS) pixels (every tile full but the last), into
-    ``mean[c, o]`` and ``m2[c, o] / M2_DIVISOR``. BLOCK_T tiles at a time in the closed form, mean = sum(n_t
-    mean_t) / sum(n_t), M2 = sum(M2_t) + sum(n_t (mean_t - mean)^2), those blocks in order by Chan's update:
-    a fixed order, no atomics. A merge of the merged chunks (TILE_PIXELS = TILES_PER_PROGRAM of the first
-    level times its TILE_PIXELS) gives the batch mean and, with M2_DIVISOR = M, the biased variance."""
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_o = offs_o < O
-    first = tl.program_id(1) * TILES_PER_PROGRAM
-    end = tl.minimum(first + TILES_PER_PROGRAM, TILES)
-    run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for t0 in range(first, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        count = tl.where(t < end, tl.minimum(M - t * TILE_PIXELS, TILE_PIXELS), 0).to(ACC_DTYPE)
-        mask = (t < end)[:, None] & mask_o[None, :]
-        rows = part_ptr + t.to(tl.int64)[:, None] * O + offs_o[None, :]
-        mean_t = tl.load(rows, mask=mask, other=0.0)
-        block = tl.sum(count, axis=0)
-        mean = tl.sum(count[:, None] * mean_t, axis=0) / block
-        d = tl.where(mask, mean_t - mean[None, :], 0.0)
-        m2 = tl.sum(tl.load(rows + TILES.to(tl.int64) * O, mask=mask, other=0.0), axis=0) + tl.sum(
-            count[:, None] * d * d, axis=0)
-        seen = tl.cast(t0 - first, ACC_DTYPE) * TILE_PIXELS       # the tiles before t0 are full
-        delta = mean - run_mean
-        run_mean += delta * (block / (seen + block))
-        run_m2 += m2 + delta * delta * (seen * block / (seen + block))
-    row = tl.program_id(1) * O + offs_o
-    tl.store(mean_ptr + row, run_mean, mask=mask_o)
-    tl.store(m2_ptr + row, run_m2 / tl.cast(M2_DIVISOR, ACC_DTYPE), mask=mask_o)
 
 
 @triton.jit
@@ -320,28 +284,6 @@ def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _conv(x, weight, bias, residual, stride, padding, dilation, relu, False)[0]
 
 
-def _merge_tiles(part: torch.Tensor, m: int, tile_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch (mean, biased variance) [O] from the conv tiles' part [2, tiles, O] in two levels: chunks of
-    tiles merged in parallel (at most MERGE_BLOCK_T chunks, MERGE_BLOCK_T tiles per step), then the chunks;
-    one launch when one chunk holds every tile."""
-    tiles, o = part.shape[1], part.shape[2]
-    per_chunk = chunk_rows(tiles, MERGE_BLOCK_T)
-    chunks = triton.cdiv(tiles, per_chunk)              # none empty: each counts per_chunk tiles but the last
-    consts = dict(BLOCK_T=MERGE_BLOCK_T, BLOCK_O=EW_BLOCK_O, ACC_DTYPE=TL_DTYPE[part.dtype], num_warps=EW_WARPS)
-    mean = part.new_empty(o)
-    var = part.new_empty(o)
-    if chunks == 1:
-        _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), 1)](part, mean, var, tiles, o, m, tile_pixels, tiles, m,
-                                                             **consts)
-        return mean, var
-    merged = part.new_empty(2, chunks, o)
-    _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), chunks)](part, merged[0], merged[1], tiles, o, m, tile_pixels,
-                                                              per_chunk, 1, **consts)
-    _merge_tiles_kernel[(triton.cdiv(o, EW_BLOCK_O), 1)](merged, mean, var, chunks, o, m, per_chunk * tile_pixels,
-                                                         chunks, m, **consts)
-    return mean, var
-
-
 def _ew_grid(m: int, o: int) -> tuple[int, int]:
     return (triton.cdiv(m, EW_BLOCK_M), triton.cdiv(o, EW_BLOCK_O))
 
@@ -350,11 +292,11 @@ def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor
                   residual: torch.Tensor | None, stride: int, padding: int, dilation: int, relu: bool, eps: float):
     """Contract of ``psp_kernels.reference.training_conv``: ``(out, bn_input, mean, var)``. Three or four
     launches: the conv with per-tile statistics in its epilogue, the two-level ordered merge of the tiles
-    (:func:`_merge_tiles`: one launch up to MERGE_BLOCK_T tiles) and one pass of BatchNorm + residual + ReLU."""
+    (:func:`~.common.merge_tiles`: one launch up to MERGE_BLOCK_T tiles) and one pass of BatchNorm + residual + ReLU."""
     y, part, tile_pixels = _conv(x, weight, None, None, stride, padding, dilation, False, True)
     n, o, ho, wo = y.shape
     m, acc = n * ho * wo, acc_dtype(x.dtype)
-    mean, var = _merge_tiles(part, m, tile_pixels)
+    mean, var = merge_tiles(part, m, tile_pixels, EW_BLOCK_O, EW_WARPS)
     out = torch.empty_like(y)
     res = residual if residual is not None else y
     bn_weight, bn_bias = bn_weight.to(acc).contiguous(), bn_bias.to(acc).contiguous()

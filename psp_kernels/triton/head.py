@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ..geometry import acc_dtype
-from .common import (BLOCK_ROWS, CompileConfig, SIG_DTYPE, _sum_rows_kernel, acc_tl, bn_vectors, conv_dot_precision,
-                     eps_args, pow2, relu_nan, sum_rows)
+from .common import (BLOCK_ROWS, MERGE_BLOCK_T, CompileConfig, SIG_DTYPE, _merge_tiles_kernel, _sum_rows_kernel,
+                     acc_tl, bn_vectors, conv_dot_precision, eps_args, merge_tiles, pow2, relu_nan, sum_rows)
 
 BLOCK_O = 32         # channels per program
 BLOCK_W = 32         # columns per step along the row (forward)
@@ -130,32 +130,6 @@ def _head_fwd_kernel(
         prow = part_ptr + tl.program_id(0).to(tl.int64) * O + offs_o
         tl.store(prow, run_mean, mask=mask_o)
         tl.store(prow + rows.to(tl.int64) * O, run_m2, mask=mask_o)
-
-
-@triton.jit
-def _merge_stats_kernel(part_ptr, mean_ptr, var_ptr, ROWS, O, W,
-                        BLOCK_O: tl.constexpr, BLOCK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Per channel block: merge the ROWS per-row (mean, M2), each of W values, in row order (Chan)."""
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_o = offs_o < O
-    run_mean = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    run_m2 = tl.zeros([BLOCK_O], dtype=ACC_DTYPE)
-    for r0 in range(0, ROWS, BLOCK_ROWS):
-        offs_r = r0 + tl.arange(0, BLOCK_ROWS)
-        mask = (offs_r < ROWS)[:, None] & mask_o[None, :]
-        off = offs_r[:, None].to(tl.int64) * O + offs_o[None, :]
-        means = tl.load(part_ptr + off, mask=mask, other=0.0)
-        m2s = tl.load(part_ptr + ROWS.to(tl.int64) * O + off, mask=mask, other=0.0)
-        nrows = tl.cast(tl.minimum(ROWS - r0, BLOCK_ROWS), ACC_DTYPE)
-        bmean = tl.sum(means, axis=0) / nrows
-        d = tl.where(mask, means - bmean[None, :], 0.0)
-        bm2 = tl.sum(m2s, axis=0) + tl.cast(W, ACC_DTYPE) * tl.sum(d * d, axis=0)
-        seen = tl.cast(r0, ACC_DTYPE)
-        delta = bmean - run_mean
-        run_mean += delta * (nrows / (seen + nrows))
-        run_m2 += bm2 + delta * delta * (tl.cast(W, ACC_DTYPE) * seen * nrows / (seen + nrows))
-    tl.store(mean_ptr + offs_o, run_mean, mask=mask_o)
-    tl.store(var_ptr + offs_o, run_m2 / (tl.cast(ROWS, ACC_DTYPE) * tl.cast(W, ACC_DTYPE)), mask=mask_o)
 
 
 @triton.jit
@@ -301,8 +275,7 @@ def add_branch_bn_relu(conv_out: torch.Tensor, branch_rows: torch.Tensor, width_
         TRAINING=training, KEEP_Z=keep_z, BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, K_PAD=_k_pad(k), ACC_DTYPE=tacc,
         DOT_PRECISION=conv_dot_precision(u.dtype, u.device), num_warps=NUM_WARPS)
     if training:
-        _merge_stats_kernel[(triton.cdiv(o, BLOCK_O),)](part, mean, var, n * h, o, w, BLOCK_O=BLOCK_O,
-                                                         BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=tacc, num_warps=NUM_WARPS)
+        mean, var = merge_tiles(part, n * h * w, w, BLOCK_O, NUM_WARPS)      # per image row (mean, M2) of W
         _head_norm_kernel[_grid(n, o, h)](z, out, bn[0], bn[1], mean, var, o, h, w, hi, lo, *strides,
                                           BLOCK_O=BLOCK_O, BLOCK_W=BLOCK_W, ACC_DTYPE=tacc, num_warps=NUM_WARPS)
     return out, z, mean, var
@@ -388,11 +361,11 @@ def compile_configs(dtypes: Sequence[torch.dtype]):
         if dtype not in (torch.float32, torch.float64):
             continue                    # the merge kernels see only accumulation-dtype partials
         reduce_consts = dict(BLOCK_O=BLOCK_O, BLOCK_ROWS=BLOCK_ROWS, ACC_DTYPE=tacc)
-        out.append((_merge_stats_kernel, CompileConfig(
-            f"head_merge_stats/{dt}", {"part_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "var_ptr": f"*{acc}",
-                                       **ints("ROWS", "O", "W"), "BLOCK_O": "constexpr",
-                                       "BLOCK_ROWS": "constexpr", "ACC_DTYPE": "constexpr"},
-            reduce_consts, num_warps=NUM_WARPS)))
+        out.append((_merge_tiles_kernel, CompileConfig(
+            f"head_merge_tiles/{dt}", {"part_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "m2_ptr": f"*{acc}",
+                                       **ints("TILES", "O", "M", "TILE_PIXELS", "TILES_PER_PROGRAM", "M2_DIVISOR"),
+                                       "BLOCK_T": "constexpr", "BLOCK_O": "constexpr", "ACC_DTYPE": "constexpr"},
+            dict(BLOCK_T=MERGE_BLOCK_T, BLOCK_O=BLOCK_O, ACC_DTYPE=tacc), num_warps=NUM_WARPS)))
         out.append((_sum_rows_kernel, CompileConfig(
             f"head_sum_rows/{dt}", {"part_ptr": f"*{acc}", "out_ptr": f"*{acc}", **ints("ROWS", "O"),
                                     "BLOCK_O": "constexpr", "BLOCK_ROWS": "constexpr", "ACC_DTYPE": "constexpr"},
