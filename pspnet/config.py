@@ -123,8 +123,10 @@ class TrainConfig:
     threads: Optional[int] = _key(None, "torch.set_num_threads value; none = PyTorch's default.", resume_free=True)
     device: str = _key("auto", "auto (CUDA when available, else CPU), cpu or cuda; under torchrun each process "
                        "uses cuda:LOCAL_RANK.", resume_free=True)
-    amp: str = _key("none", "Mixed precision: none (fp32), bf16 or fp16 autocast (fp16 with a GradScaler); "
-                    "parameters, optimizer state and BatchNorm statistics stay fp32.")
+    amp: str = _key("auto", "Mixed precision: auto (bf16 autocast where the device runs bf16 fast: CUDA sm_80+, "
+                    "CPUs with AMX or AVX512-BF16; fp32 elsewhere), none (fp32), bf16 or fp16 autocast (fp16 with "
+                    "a GradScaler); parameters, optimizer state and BatchNorm statistics stay fp32. Training, "
+                    "validation, evaluate and predict all use it.")
     sync_bn: bool = _key(True, "Under torchrun on CUDA, convert every BatchNorm to SyncBatchNorm (batch statistics "
                          "over the global batch, as semseg); CPU runs keep per-process BatchNorm.")
     save_path: str = _key("runs/camvid", "Output folder for checkpoints, log.jsonl and validation results.",
@@ -198,7 +200,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.workers >= 0, "workers", "must be >= 0")
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        need(self.amp in ("none", "bf16", "fp16"), "amp", "must be none, bf16 or fp16")
+        need(self.amp in ("auto", "none", "bf16", "fp16"), "amp", "must be auto, none, bf16 or fp16")
         need(self.keep_last >= 0, "keep_last", "must be >= 0 (0 = keep all)")
         need(self.eval_freq >= 0, "eval_freq", "must be >= 0 (0 = only at the end)")
         need(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",

@@ -1,4 +1,4 @@
-"""Process group, device and mixed-precision set-up for ``pspnet.train`` (one process, or one per GPU
+"""Process group and device set-up for ``pspnet.train`` (one process, or one per GPU
 under ``torchrun``), and the few collectives the trainer needs.
 
 ``torchrun --nproc_per_node=K -m pspnet.train ...`` starts K processes with ``RANK``, ``WORLD_SIZE``,
@@ -9,17 +9,14 @@ and no group is created. semseg's ``tool/train.py`` does the same with ``mp.spaw
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "setup", "cleanup", "resolve_device", "autocast", "grad_scaler", "AMP_DTYPES"]
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["DistContext", "setup", "cleanup", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -136,18 +133,3 @@ def cleanup() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for config ``amp`` (``none``, ``bf16``, ``fp16``) on ``device``; ``none`` gives
-    a context that changes nothing."""
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
-    """A ``GradScaler`` for fp16 (whose gradients underflow without loss scaling), else None (fp32 and
-    bf16 train unscaled)."""
-    return torch.amp.GradScaler(device.type) if amp == "fp16" else None

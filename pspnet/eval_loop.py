@@ -16,6 +16,7 @@ from .distributed import DistContext
 from .inference import predict
 from .loaders import base_dataset
 from .metrics import SegmentationMetrics
+from .precision import autocast
 
 __all__ = ["ImageCallback", "evaluate_dataset"]
 
@@ -26,7 +27,7 @@ ImageCallback = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
 def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scales: Sequence[float] = (1.0,),
                      flip: bool = False, on_image: Optional[ImageCallback] = None,
                      desc: str = "eval", progress: bool = True,
-                     ctx: Optional[DistContext] = None) -> SegmentationMetrics:
+                     ctx: Optional[DistContext] = None, amp: str = "none") -> SegmentationMetrics:
     """Predict every image of ``dataset`` (semseg ``tool/test.py`` inference, see
     :mod:`pspnet.inference`) and accumulate the metrics. With a distributed ``ctx``, process r predicts
     images r, r + K, ... and the metric areas are summed over the K processes, so every process returns
@@ -41,6 +42,8 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scale
         desc: progress-bar label.
         progress: show a tqdm bar.
         ctx: the process group (None: one process).
+        amp: autocast of the forward passes, resolved (``none``, ``bf16``, ``fp16``: see
+            :func:`pspnet.precision.resolve_amp`).
     Returns:
         the filled :class:`SegmentationMetrics`.
     """
@@ -51,8 +54,9 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scale
     for j in tqdm(range(rank, len(dataset), world), desc=desc, unit="img", disable=not progress,
                   dynamic_ncols=True, leave=False):
         image, label = dataset[j]
-        pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), scales, flip,
-                       IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)
+        with autocast(next(model.parameters()).device, amp):
+            pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), scales, flip,
+                           IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)
         metrics.update(pred, np.asarray(label))
         if on_image is not None:
             on_image(names[indices[j]] if names is not None else f"{indices[j]:06d}", image, label, pred)

@@ -28,6 +28,7 @@ from .config_files import checkpoint_config
 from .eval_loop import evaluate_dataset
 from .loaders import base_dataset, build_eval_set
 from .modeling import load_for_inference
+from .precision import resolve_amp
 from .report import write_report
 from .visualize import colorize, overlay, write_rgb_png
 
@@ -83,6 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = load_for_inference(cfg, state)
     except ValueError as e:
         parser.error(str(e))
+    amp, reason = resolve_amp(cfg.amp, next(model.parameters()).device)
+    print(f"precision: {amp} ({reason})")
     base, _ = base_dataset(dataset)
     save_dir = Path(args.save_dir) if args.save_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -90,13 +93,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     on_image = None if args.no_images else image_writer(save_dir, base.palette)
     t0 = time.perf_counter()
     metrics = evaluate_dataset(model, dataset, cfg, scales=cfg.scales, flip=cfg.flip, on_image=on_image,
-                               desc=f"eval {args.split}", progress=not args.no_progress)
+                               desc=f"eval {args.split}", progress=not args.no_progress, amp=amp)
     seconds = time.perf_counter() - t0
     result = metrics.compute()
     table = metrics.table(base.classes)
     info = {"checkpoint": str(args.checkpoint), "split": args.split, "images": result["num_images"],
             "scales": list(cfg.scales), "flip": cfg.flip, "base_size": cfg.base_size,
-            "crop": [cfg.test_h, cfg.test_w], "layers": cfg.layers, "fused": cfg.fused,
+            "crop": [cfg.test_h, cfg.test_w], "layers": cfg.layers, "fused": cfg.fused, "amp": amp,
             "seconds": round(seconds, 2), "classes": list(base.classes)}
     json_path, md_path = write_report(save_dir, "metrics", result, table, info)
     print(f"{args.split}: {metrics.summary()} ({result['num_images']} images, {seconds:.1f}s)")

@@ -33,6 +33,7 @@ from .config_files import checkpoint_config
 from .data.datasets import read_rgb
 from .inference import predict
 from .modeling import load_for_inference
+from .precision import autocast, resolve_amp
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "collect_images", "class_palette", "main"]
@@ -107,6 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
         parser.error(str(e))
     palette = class_palette(state, cfg.classes)
+    device = next(model.parameters()).device
+    amp, reason = resolve_amp(cfg.amp, device)
+    print(f"precision: {amp} ({reason})")
     from pspnet.data import IMAGENET_MEAN, IMAGENET_STD
     out = Path(args.out_dir)
     for path in tqdm(images, desc="predict", unit="img", disable=args.no_progress, dynamic_ncols=True):
@@ -114,14 +118,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             image = read_rgb(path)
         except RuntimeError as e:
             parser.error(str(e))
-        pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), cfg.scales, cfg.flip,
-                       IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)
+        with autocast(device, amp):
+            pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), cfg.scales, cfg.flip,
+                           IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)
         color = colorize(pred, palette)
         write_rgb_png(out / "pred" / f"{path.stem}.png", color)
         write_rgb_png(out / "overlay" / f"{path.stem}.png", overlay(image, color, 0.5))
         write_rgb_png(out / "label" / f"{path.stem}.png", pred.astype(np.uint8))
     print(f"wrote {len(images)} predictions to {out / 'pred'}, {out / 'overlay'} and {out / 'label'} "
-          f"(scales {cfg.scales}, flip {cfg.flip})")
+          f"(scales {cfg.scales}, flip {cfg.flip}, precision {amp})")
     return 0
 
 

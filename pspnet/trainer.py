@@ -24,8 +24,9 @@ from tqdm import tqdm
 from .checkpoint import (FINAL_NAME, CheckpointError, epoch_checkpoint_name, latest_checkpoint, list_checkpoints,
                          load_checkpoint, prune, save_checkpoint)
 from .config import ConfigError, TrainConfig, resume_free_keys
-from .distributed import autocast, grad_scaler, setup
+from .distributed import setup
 from .eval_loop import evaluate_dataset
+from .precision import autocast, grad_scaler, resolve_amp
 from .jsonl_log import JsonlLog
 from .loaders import base_dataset, build_eval_set, build_train_loader, build_train_set
 from .loss import build_criterion
@@ -122,7 +123,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = (build_lr_scheduler(self.optimizer, cfg, self.max_iter) if lr_scheduler is None
                              else lr_scheduler(self.optimizer, self.max_iter))
-        self.scaler = grad_scaler(ctx.device, cfg.amp)
+        self.amp, self.amp_reason = resolve_amp(cfg.amp, ctx.device)      # none | bf16 | fp16
+        self.scaler = grad_scaler(ctx.device, self.amp)
         self.iteration = 0
         self.best: dict[str, Any] = {}
         self.last_metrics: Optional[dict[str, Any]] = None
@@ -230,6 +232,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "amp": self.amp,                            # what config amp resolved to for this run
             "best": dict(self.best),
             "metrics": self.last_metrics,
             **self._class_info,
@@ -249,7 +252,7 @@ class Trainer:
         self.ctx.broadcast_buffers(self.model)  # every shard is predicted by the model rank 0 saves
         t0 = time.perf_counter()
         metrics = evaluate_dataset(self.model, self.val_set, cfg, scales=[1.0], flip=False, desc="val",
-                                   progress=self.progress, ctx=self.ctx)
+                                   progress=self.progress, ctx=self.ctx, amp=self.amp)
         result = metrics.compute()
         epoch = round(self.iteration / self.iters_per_epoch, 4)
         self._log({"type": "val", "iter": self.iteration, "epoch": epoch, "miou": result["miou"],
@@ -284,10 +287,10 @@ class Trainer:
         Raises:
             FloatingPointError: the loss is NaN/inf on any process (checked before backward, on all of them).
         """
-        cfg, ctx = self.cfg, self.ctx
+        ctx = self.ctx
         images = images.to(ctx.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(ctx.device, non_blocking=True)
-        with autocast(ctx.device, cfg.amp):
+        with autocast(ctx.device, self.amp):
             _, main_loss, aux_loss = self.net(images, labels)
             loss = self.criterion.combine(main_loss, aux_loss)
         means = ctx.all_reduce_sum(torch.stack(loss).detach().float()) / ctx.world_size
@@ -358,11 +361,12 @@ class Trainer:
                         "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "torch_threads": torch.get_num_threads(), "world_size": self.ctx.world_size,
-                        "device": str(self.ctx.device), "amp": cfg.amp,
+                        "device": str(self.ctx.device), "amp": self.amp, "amp_reason": self.amp_reason,
                         "classes": list(getattr(base_dataset(self.train_set)[0], "classes", [])),
                         "config": cfg.to_dict()})
         procs = f"{self.ctx.world_size} processes x " if self.ctx.distributed else ""
-        self._say(f"training PSPNet-{cfg.layers} (fused={cfg.fused}, amp={cfg.amp}) on {len(self.train_set)} images: "
+        self._say(f"precision: {self.amp} ({self.amp_reason})")
+        self._say(f"training PSPNet-{cfg.layers} (fused={cfg.fused}, amp={self.amp}) on {len(self.train_set)} images: "
                   f"{self.iters_per_epoch} iterations/epoch, iterations {self.iteration + 1}..{self.max_iter}, "
                   f"batch {cfg.batch_size} ({procs}{self.ctx.device}, {torch.get_num_threads()} threads) "
                   f"-> {self.save_dir}")

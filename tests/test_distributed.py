@@ -214,14 +214,18 @@ def test_fused_model_trains_under_autocast_like_the_unfused_one(amp, device):
 
 @needs_data
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["auto", "bf16", "fp16"])
 def test_train_command_with_amp(tmp_path, amp, device):
+    """``--amp`` forces a mode; ``auto`` resolves per device, and the log and the checkpoint record what ran."""
+    from pspnet.precision import resolve_amp
     from pspnet.train import main as train_main
     run = tmp_path / "run"
     assert train_main(["--config", str(CONFIG), *_tiny(run, "--max_iters", "2", "--amp", amp, "--batch_size", "2",
                                                        "--device", device), "--no-progress"]) == 0
     state = load_checkpoint(run / "final.pth")
-    assert state["config"]["amp"] == amp and (state["scaler"] is not None) == (amp == "fp16")
+    resolved = resolve_amp(amp, torch.device(device))[0]
+    assert state["config"]["amp"] == amp and state["amp"] == resolved == _rows(run, "start")[0]["amp"]
+    assert (state["scaler"] is not None) == (resolved == "fp16")
     assert all(np.isfinite(r["loss"]) for r in _rows(run, "train"))
     assert all(v.dtype != torch.float16 and v.dtype != torch.bfloat16 for v in state["state_dict"].values())
 

@@ -17,6 +17,7 @@ from pspnet.evaluate import main as evaluate_main
 from pspnet.predict import main as predict_main
 from pspnet.inference import predict, predict_probs, scaled_size, window_starts
 from pspnet.models import PSPNet
+from pspnet.precision import resolve_amp
 from pspnet.visualize import colorize, overlay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,7 +227,8 @@ def test_evaluate_bad_arguments(tmp_path, capsys):
 
 def test_predict_writes_colour_overlay_and_label_pngs(tmp_path, capsys):
     """``python -m pspnet.predict`` on a file and a folder: one colour map, overlay and id map per image, equal
-    to ``inference.predict`` of the loaded model, in the checkpoint's stored colours."""
+    to ``inference.predict`` of the loaded model (``--amp none``), in the checkpoint's stored colours; with
+    ``--amp auto`` it prints the precision it picked and agrees but for near-ties."""
     cfg = load_config(CONFIG, ["--base_size", "64", "--test_h", "48", "--test_w", "64", "--device", "cpu"])
     torch.manual_seed(0)
     model = PSPNet(layers=18, classes=11).eval()
@@ -242,8 +244,13 @@ def test_predict_writes_colour_overlay_and_label_pngs(tmp_path, capsys):
     cv2.imwrite(str(single), cv2.cvtColor(images["b"], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 100])
     out = tmp_path / "out"
     assert predict_main([str(folder), str(single), "--checkpoint", str(path), "--out-dir", str(out),
-                         "--no-progress"]) == 0
+                         "--no-progress", "--amp", "none"]) == 0
     assert "wrote 2 predictions" in capsys.readouterr().out
+    assert predict_main([str(single), "--checkpoint", str(path), "--out-dir", str(tmp_path / "auto"),
+                         "--no-progress", "--amp", "auto"]) == 0
+    amp, reason = resolve_amp("auto", torch.device("cpu"))
+    assert f"precision: {amp} ({reason})" in capsys.readouterr().out
+    auto_ids = cv2.imread(str(tmp_path / "auto" / "label" / "b.png"), cv2.IMREAD_UNCHANGED)
     for stem in ("a", "b"):
         image = cv2.cvtColor(cv2.imread(str(folder / "a.png") if stem == "a" else str(single)), cv2.COLOR_BGR2RGB)
         expected = predict(model, image, 11, 64, (48, 64))
@@ -253,6 +260,7 @@ def test_predict_writes_colour_overlay_and_label_pngs(tmp_path, capsys):
         np.testing.assert_array_equal(colour, palette[expected])
         assert cv2.imread(str(out / "overlay" / f"{stem}.png")).shape == image.shape
     assert sorted(p.name for p in out.iterdir()) == ["label", "overlay", "pred"]
+    assert (auto_ids != expected).mean() <= 0.01          # expected: image b's, the loop's last
 
 
 def test_predict_bad_inputs_name_the_file(tmp_path, capsys):
