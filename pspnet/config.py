@@ -72,6 +72,9 @@ class TrainConfig:
     dropout: float = _key(0.1, "Dropout2d probability in the cls and aux heads.")
     aux_weight: float = _key(0.4, "Weight of the auxiliary (layer3) loss: loss = main_loss + aux_weight * "
                              "aux_loss.")
+    loss: str = _key("ce", "Pixel loss: ce (semseg's cross-entropy) or ce_median_freq (cross-entropy with "
+                     "SegNet's median-frequency class weights, computed from the training labels and stored "
+                     "in the checkpoint).")
     deep_stem: bool = _key(True, "semseg's 3x3 deep stem (true) or torchvision's 7x7 stem (false, for torchvision "
                            "ImageNet weights).")
     backbone_weights: Optional[str] = _key(None, "ImageNet ResNet weights for the backbone of a fresh run "
@@ -201,6 +204,7 @@ class TrainConfig:
         need(self.workers >= 0, "workers", "must be >= 0")
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         need(self.amp in ("auto", "none", "bf16", "fp16"), "amp", "must be auto, none, bf16 or fp16")
+        need(self.loss in ("ce", "ce_median_freq"), "loss", "must be ce or ce_median_freq")
         need(self.keep_last >= 0, "keep_last", "must be >= 0 (0 = keep all)")
         need(self.eval_freq >= 0, "eval_freq", "must be >= 0 (0 = only at the end)")
         need(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",

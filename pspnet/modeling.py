@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -44,6 +45,6 @@ def load_for_inference(cfg: TrainConfig, state: dict[str, Any]) -> PSPNet:
         RuntimeError: the checkpoint does not fit the model (lists the mismatched keys).
     """
     device = resolve_device(cfg.device)
-    model = build_model(cfg)
+    model = build_model(dataclasses.replace(cfg, loss="ce"))     # inference never calls the loss (nor its weights)
     load_state_dict(model, state)
     return model.to(device).eval()

@@ -51,7 +51,8 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         fast = major >= 8
-        return ("bf16" if fast else "none"), f"auto: CUDA sm_{major}{minor} {'has' if fast else 'lacks'} bf16 tensor cores"
+        return ("bf16" if fast else "none"), (f"auto: CUDA sm_{major}{minor} "
+                                               f"{'has' if fast else 'lacks'} bf16 tensor cores")
     if device.type == "cpu":
         feature = _cpu_bf16()
         if feature is not None:

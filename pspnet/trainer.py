@@ -29,7 +29,7 @@ from .eval_loop import evaluate_dataset
 from .precision import autocast, grad_scaler, resolve_amp
 from .jsonl_log import JsonlLog
 from .loaders import base_dataset, build_eval_set, build_train_loader, build_train_set
-from .loss import build_criterion
+from .loss import build_criterion, median_frequency_weights
 from .lr_scheduler import LRSchedulerFactory, build_lr_scheduler, restore_lr_scheduler
 from .modeling import build_model, memory_format
 from .optim import build_optimizer
@@ -115,7 +115,8 @@ class Trainer:
         self.max_iter = cfg.epochs * self.iters_per_epoch
         if cfg.max_iters is not None:
             self.max_iter = min(self.max_iter, cfg.max_iters)
-        self.criterion = build_criterion(cfg)
+        self.class_weights = self._class_weights(state)
+        self.criterion = build_criterion(cfg, self.class_weights)
         self.model = build_model(cfg, self.criterion).to(ctx.device)
         if ctx.distributed and ctx.device.type == "cuda" and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -175,6 +176,16 @@ class Trainer:
             path = Path(cfg.resume)
         return load_checkpoint(path), path
 
+    def _class_weights(self, state: Optional[dict[str, Any]]) -> Optional[torch.Tensor]:
+        """``loss: ce_median_freq``: the checkpoint's class weights when resuming, else median-frequency weights
+        of the training labels (:func:`pspnet.loss.median_frequency_weights`); None for ``ce``."""
+        if self.cfg.loss != "ce_median_freq":
+            return None
+        if state is not None and state.get("class_weights") is not None:
+            return torch.tensor(state["class_weights"], dtype=torch.float32)
+        base, indices = base_dataset(self.train_set)
+        return median_frequency_weights((base.label(i) for i in indices), self.cfg.classes, self.cfg.ignore_label)
+
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         for key in ("state_dict", "optimizer", "iteration"):
             if key not in state:
@@ -233,6 +244,7 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "amp": self.amp,                            # what config amp resolved to for this run
+            "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
             "best": dict(self.best),
             "metrics": self.last_metrics,
             **self._class_info,
@@ -362,6 +374,7 @@ class Trainer:
                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "torch_threads": torch.get_num_threads(), "world_size": self.ctx.world_size,
                         "device": str(self.ctx.device), "amp": self.amp, "amp_reason": self.amp_reason,
+                        "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
                         "classes": list(getattr(base_dataset(self.train_set)[0], "classes", [])),
                         "config": cfg.to_dict()})
         procs = f"{self.ctx.world_size} processes x " if self.ctx.distributed else ""

@@ -237,3 +237,20 @@ def test_trainer_takes_another_lr_scheduler(tmp_path):
     trainer.run()
     assert [r["lr"] for r in _rows(run, "train")] == [0.01, 0.01, 0.01]
     assert load_checkpoint(run / "final.pth")["lr_scheduler"]["last_epoch"] == 3
+
+
+@needs_data
+def test_median_frequency_loss_weights_come_from_the_training_labels_and_stay_on_resume(tmp_path):
+    """``--loss ce_median_freq``: the weights of the 6 training images' labels, in the start row and the
+    checkpoint; a resumed run keeps the checkpoint's weights."""
+    from pspnet.data.camvid import CamVid
+    from pspnet.loss import median_frequency_weights
+    run = tmp_path / "run"
+    assert train_main(_tiny(run, "--max_iters", "2", "--loss", "ce_median_freq")) == 0
+    state = load_checkpoint(run / "final.pth")
+    train = CamVid(DATA_ROOT, "train")
+    expected = median_frequency_weights([train.label(i) for i in range(6)], 11, 255)
+    assert torch.allclose(torch.tensor(state["class_weights"]), expected, rtol=1e-6)
+    assert _rows(run, "start")[0]["class_weights"] == state["class_weights"]
+    assert train_main(_tiny(run, "--max_iters", "3", "--loss", "ce_median_freq", "--resume", "auto")) == 0
+    assert load_checkpoint(run / "final.pth")["class_weights"] == state["class_weights"]

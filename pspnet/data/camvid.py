@@ -204,6 +204,10 @@ class CamVid(torch.utils.data.Dataset):
         image, label = self._cache[index]
         return image.copy(), label.copy()  # callers may not alter the cache
 
+    def label(self, index: int) -> np.ndarray:
+        """uint8 [H, W] class indices of item ``index`` (255 = void), untransformed (from the cache if on)."""
+        return self._get_raw(index)[1]
+
     def preload(self) -> None:
         """Decode every item into the cache now (requires ``cache=True``).
 

@@ -135,6 +135,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return read_pair(*self.files[index], self.num_classes, self.label_lut)
 
+    def label(self, index: int) -> np.ndarray:
+        """uint8 [H, W] class indices of item ``index`` (255 = ignore), untransformed."""
+        return self._load(index)[1]
+
     def __getitem__(self, index: int):
         image, label = self._load(index)
         if self.transform is None:
