@@ -23,6 +23,8 @@ from typing import Any, Optional
 import yaml
 
 from .data.registry import dataset_names
+from .loss import LOSSES
+from .precision import AMP_CHOICES
 
 __all__ = ["TrainConfig", "ConfigError", "field_name", "field_help", "field_type", "parse_value", "resume_free_keys"]
 
@@ -203,8 +205,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.workers >= 0, "workers", "must be >= 0")
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        need(self.amp in ("auto", "none", "bf16", "fp16"), "amp", "must be auto, none, bf16 or fp16")
-        need(self.loss in ("ce", "ce_median_freq"), "loss", "must be ce or ce_median_freq")
+        need(self.amp in AMP_CHOICES, "amp", f"must be one of {', '.join(AMP_CHOICES)}")
+        need(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}")
         need(self.keep_last >= 0, "keep_last", "must be >= 0 (0 = keep all)")
         need(self.eval_freq >= 0, "eval_freq", "must be >= 0 (0 = only at the end)")
         need(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",

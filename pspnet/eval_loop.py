@@ -51,10 +51,11 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, cfg: TrainConfig, scale
     names = getattr(base, "names", None)
     metrics = SegmentationMetrics(cfg.classes, cfg.ignore_label)
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    device = next(model.parameters()).device
     for j in tqdm(range(rank, len(dataset), world), desc=desc, unit="img", disable=not progress,
                   dynamic_ncols=True, leave=False):
         image, label = dataset[j]
-        with autocast(next(model.parameters()).device, amp):
+        with autocast(device, amp):
             pred = predict(model, image, cfg.classes, cfg.base_size, (cfg.test_h, cfg.test_w), scales, flip,
                            IMAGENET_MEAN, IMAGENET_STD, cfg.window_batch)
         metrics.update(pred, np.asarray(label))

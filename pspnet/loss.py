@@ -106,8 +106,9 @@ def median_frequency_weights(labels: Iterable[np.ndarray], classes: int, ignore_
     present = present_total > 0
     if not present.any():
         raise ValueError("no labelled pixel: median-frequency weights need at least one class")
-    freq = np.where(present, pixels / np.maximum(present_total, 1), 0.0)
-    weights = np.where(present, np.median(freq[present]) / np.where(present, freq, 1.0), 0.0)
+    freq = pixels[present] / present_total[present]
+    weights = np.zeros(classes)
+    weights[present] = np.median(freq) / freq
     return torch.tensor(weights, dtype=torch.float32)
 
 

@@ -33,8 +33,8 @@ training_conv_bn_backward           per-tile BatchNorm sums, two-level ordered s
 ==================================  ==========================================================  =========
 
 The pooling kernels take the nested path (fine cells, then sums of them) when the windows nest, e.g.
-bins 1/2/3/6 at 60x60 or 90x90, else the general path (elementary row segments; see pooling.py). The whole-PPM op runs multibin_avg_pool_with_concat,
-reduction_conv_bn_relu, upsample_into: 4 launches in eval.
+bins 1/2/3/6 at 60x60 or 90x90, else the general path (elementary row segments; see pooling.py). The
+whole-PPM op runs multibin_avg_pool_with_concat, reduction_conv_bn_relu, upsample_into: 4 launches in eval.
 
 Every output element is written by exactly one program that reduces in a fixed order: results are
 bitwise deterministic and no kernel uses atomics. Accumulation is fp32 (fp64 for fp64 inputs).

@@ -13,10 +13,12 @@ full-resolution branch term nor the 2C-channel concat exists in memory.
 function             passes                                                        launches
 ===================  ============================================================  ========
 forward, eval        read y, u -> write out (and z when kept)                          1
-forward, training    read y, u -> write z and per-row (mean, M2); merge rows in a       3
-                     fixed order (Chan's formula); read z -> write out
-backward             read g, z -> per-row (sum g', sum g' xhat); sum rows in order;     3
-                     read g, z -> write grad_y, and grad_u = grad_z @ bw per row
+forward, training    read y, u -> write z and per-row (mean, M2); merge rows in a     3-4
+                     fixed order, two-level (Chan's formula, common.merge_tiles);
+                     read z -> write out
+backward             read g, z -> per-row (sum g', sum g' xhat); sum rows in a        3-4
+                     fixed order, two-level (common.sum_rows); read g, z -> write
+                     grad_y, and grad_u = grad_z @ bw per row
 ===================  ============================================================  ========
 
 g' is the gradient behind the ReLU (mask ``z * scale + shift > 0``). Every output element is written by

@@ -25,10 +25,10 @@ General path (any H, W, bins). The boundaries of all row windows cut [0, H) into
 segments* (at most 2 * sum(bins)); every row window is a union of whole segments. The forward sums each
 segment's rows elementwise, then for every column cell ``jc`` (the J column windows of all bins) sums the
 segment's columns in its window and adds that to the cells of column jc whose row windows hold the segment
-(acc [channels, S] holds every cell, as windows may overlap or repeat). The backward is the transpose:
-per segment and column cell, the sum of g / area over those cells, added to the window's columns of one
-row, written to the segment's rows. Which cells hold a segment, and which belong to a column cell, are bit
-words in two small tables read with scalar loads.
+(acc [channels, S] holds every cell, as windows may overlap or repeat; each cell takes its column cell's
+sum with ``tl.gather``). The backward is the transpose: per segment and column cell, the sum of g / area
+over the cells of that column holding the segment (gathered through a small -1-padded table), added to the
+window's columns of one row, written to the segment's rows.
 
 Fused variants: the forward can copy the x tile it has loaded into the first C channels of the PPM's
 concat buffer (``multibin_avg_pool_with_concat``: x is read once for both), and the backward can add the
@@ -597,9 +597,9 @@ def _pool_tiles(dtype: torch.dtype):
     return out + [("cl", tile, 1) for tile in sorted({pool_tile(dtype, True, 64, n, 2048) for n in (1 << 20, 1)})]
 
 
-# Per path: (kernel, table pointers, ints) of the forward and the backward; the
-# general path is registered for pyramids of up to 64 cells (bins 1/2/3/6) at every tile and up to 128 cells
-# (e.g. 1/2/3/6/8) at VEC = 1, the nested one for up to 16 column cells.
+# Per path: (kernel, table pointers, ints) of the forward and the backward; the general path is registered
+# for pyramids of up to 64 cells (bins 1/2/3/6) at every tile and up to 128 cells (e.g. 1/2/3/6/8) at VEC = 1,
+# the nested one for up to 16 column cells.
 _PATH_KERNELS = {
     "nested": ((_pool_nested_fwd_kernel, {"tab_ptr": "*i32"}, ("C", "S", "L", "CH", "CW", "W_VEC")),
                (_pool_nested_bwd_kernel, {"tab_ptr": "*i32"}, ("C", "S", "L", "CH", "CW", "W_VEC", "ROWS"))),
