@@ -77,6 +77,12 @@ class TrainConfig:
     loss: str = _key("ce", "Pixel loss: ce (semseg's cross-entropy) or ce_median_freq (cross-entropy with "
                      "SegNet's median-frequency class weights, computed from the training labels and stored "
                      "in the checkpoint).")
+    class_weight_power: float = _key(1.0, "Exponent of the median-frequency class weights of loss ce_median_freq: "
+                                     "1 = SegNet's balancing, 0.5 = its square root (softer), 0 = none.")
+    ohem_thresh: Optional[float] = _key(None, "Online hard example mining (mmsegmentation's OHEMPixelSampler): the "
+                                        "loss counts only pixels whose true-class probability is below this "
+                                        "(mmseg: 0.7), at least ohem_min_kept of them; null = every pixel.")
+    ohem_min_kept: int = _key(100000, "The least number of pixels OHEM keeps per batch (mmseg's min_kept).")
     deep_stem: bool = _key(True, "semseg's 3x3 deep stem (true) or torchvision's 7x7 stem (false, for torchvision "
                            "ImageNet weights).")
     backbone_weights: Optional[str] = _key(None, "ImageNet ResNet weights for the backbone of a fresh run "
@@ -207,6 +213,9 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         need(self.amp in AMP_CHOICES, "amp", f"must be one of {', '.join(AMP_CHOICES)}")
         need(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}")
+        need(0 <= self.class_weight_power < math.inf, "class_weight_power", "must be a finite float >= 0")
+        need(self.ohem_thresh is None or 0 < self.ohem_thresh <= 1, "ohem_thresh", "must be in (0, 1] or null")
+        need(self.ohem_min_kept >= 1, "ohem_min_kept", "must be >= 1")
         need(self.keep_last >= 0, "keep_last", "must be >= 0 (0 = keep all)")
         need(self.eval_freq >= 0, "eval_freq", "must be >= 0 (0 = only at the end)")
         need(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",

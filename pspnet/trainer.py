@@ -184,7 +184,8 @@ class Trainer:
         if state is not None and state.get("class_weights") is not None:
             return torch.tensor(state["class_weights"], dtype=torch.float32)
         base, indices = base_dataset(self.train_set)
-        return median_frequency_weights((base.label(i) for i in indices), self.cfg.classes, self.cfg.ignore_label)
+        return median_frequency_weights((base.label(i) for i in indices), self.cfg.classes, self.cfg.ignore_label,
+                                        self.cfg.class_weight_power)
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         for key in ("state_dict", "optimizer", "iteration"):

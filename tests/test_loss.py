@@ -116,3 +116,63 @@ def test_config_loss_key_needs_weights_exactly_for_median_freq():
         build_criterion(load_config(None, []), weights)
     with pytest.raises(ConfigError, match="loss"):
         load_config(None, ["--loss", "focal"])
+
+
+def test_median_frequency_weights_power_softens_the_balancing():
+    """``power`` is the exponent of SegNet's weights: 0.5 their square root, 0 no weighting (absent classes 0)."""
+    maps = [torch.tensor([[0, 0, 1], [1, 0, 255]]).numpy(), torch.tensor([[0, 0, 0], [2, 2, 2]]).numpy()]
+    full = median_frequency_weights(maps, classes=4, ignore_index=255)
+    assert torch.allclose(median_frequency_weights(maps, 4, 255, power=0.5), full.sqrt(), rtol=1e-6)
+    assert torch.equal(median_frequency_weights(maps, 4, 255, power=0.0), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="power"):
+        median_frequency_weights(maps, 4, 255, power=-1.0)
+    with pytest.raises(ConfigError, match="class_weight_power"):
+        load_config(None, ["--class_weight_power", "-0.5"])
+
+
+# ---------------------------------------------------------------------------- OHEM
+
+def _ohem_case():
+    """6 labelled pixels and a void one; true-class probabilities > 0.98 (easy: 0, then 1), ~0.6 (2, 3), ~0.2 (4, 5)."""
+    logits = torch.zeros(1, 3, 1, 7, dtype=torch.float64)
+    target = torch.tensor([[[0, 1, 2, 0, 1, 2, 255]]])
+    for pixel, margin in enumerate([6.0, 5.0, 1.2, 1.2, -0.9, -0.9, 0.0]):
+        if pixel < 6:
+            logits[0, target[0, 0, pixel], 0, pixel] = margin
+    return logits, target
+
+
+@pytest.mark.parametrize("min_kept,kept", [(1, [2, 3, 4, 5]), (5, [1, 2, 3, 4, 5]), (100, [0, 1, 2, 3, 4, 5])])
+def test_ohem_keeps_the_hard_pixels_at_least_min_kept(min_kept, kept):
+    """mmseg's OHEMPixelSampler: pixels with true-class probability <= max(0.7, the min_kept-th smallest)."""
+    logits, target = _ohem_case()
+    probs = logits.softmax(1).gather(1, (target * (target != 255)).unsqueeze(1)).squeeze()
+    assert probs[1] < probs[0] and probs[:2].min() > 0.98 and 0.5 < probs[2] < 0.7 and probs[4] < 0.3
+    hard = torch.full_like(target, 255)
+    hard[0, 0, kept] = target[0, 0, kept]
+    logits = logits.requires_grad_()
+    loss = PSPLoss(ohem_thresh=0.7, ohem_min_kept=min_kept)(logits, target)
+    assert torch.allclose(loss, nn.CrossEntropyLoss(ignore_index=255)(logits, hard), rtol=1e-12)
+    loss.backward()
+    easy = [p for p in range(7) if p not in kept]
+    assert logits.grad[0, :, 0, easy].abs().max() == 0 and logits.grad[0, :, 0, kept].abs().min() > 0
+
+
+def test_ohem_with_class_weights_and_bad_arguments():
+    logits, target = _ohem_case()
+    weights = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    hard = target.clone()
+    hard[0, 0, :2] = 255
+    got = PSPLoss(class_weights=weights, ohem_thresh=0.7, ohem_min_kept=1).double()(logits, target)
+    assert torch.allclose(got, nn.CrossEntropyLoss(weight=weights, ignore_index=255)(logits, hard), rtol=1e-12)
+    everything_void = torch.full_like(target, 255)
+    assert PSPLoss(ohem_thresh=0.7)(logits, everything_void).isnan()   # as the plain loss: 0 / 0
+    for kwargs, match in [({"ohem_thresh": 0.0}, "ohem_thresh"), ({"ohem_thresh": 1.5}, "ohem_thresh"),
+                          ({"ohem_thresh": 0.7, "ohem_min_kept": 0}, "ohem_min_kept")]:
+        with pytest.raises(ValueError, match=match):
+            PSPLoss(**kwargs)
+    cfg = load_config(None, ["--ohem_thresh", "0.7", "--ohem_min_kept", "5000"])
+    criterion = build_criterion(cfg)
+    assert (criterion.ohem_thresh, criterion.ohem_min_kept) == (0.7, 5000) and "ohem_thresh=0.7" in repr(criterion)
+    with pytest.raises(ConfigError, match="ohem_thresh"):
+        load_config(None, ["--ohem_thresh", "2"])
