@@ -41,7 +41,9 @@ def cutlass_include() -> str:
 
 def extension():
     sources = _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: no FMA contraction in the target("avx2" / "avx512f") code of csrc/cpu/gemm.h, so
+    # every vector width computes the same bits (a rounded product, then a rounded add).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     cuda_sources = _sources("csrc/cuda/*.cu") if torch.version.cuda else []
     if cuda_sources:
         return CUDAExtension("psp_kernels._C", sources + cuda_sources, include_dirs=[cutlass_include()],

@@ -58,9 +58,10 @@ at::Tensor bin_columns(const at::Tensor& p_cns, const PackedBins& pb, int64_t k)
 // [2048, 72].)
 // ---------------------------------------------------------------------------------------------
 
-constexpr int64_t kTileRows = 4;
+// Task tiles of 8 rows x two 64-byte vectors (the widest the GEMM uses: AVX-512).
+constexpr int64_t kTileRows = 8;
 template <typename acc_t>
-constexpr int64_t kTileCols = 2 * Simd<acc_t>::lanes;
+constexpr int64_t kTileCols = 128 / static_cast<int64_t>(sizeof(acc_t));
 
 // out (contiguous [I, n]) = A @ B; one task item per output tile, row tiles fastest so consecutive
 // items of a task reuse one column block of B from cache.
