@@ -24,9 +24,12 @@ in the same run (bf16 8192^3 on CUDA, fp32 2048^3 on CPU), speedups, normwise er
 Model rows: a PSPNet-50 training step (N=8 at 473, bf16 autocast; on CUDA, or with ``--train-step``), and
 PSPNet-50 eval forward, ``fused=True`` (backbone folded, fused PPM, concat-free head) vs
 ``fused=False`` vs ``torch.compile`` of the latter (CUDA; on CPU with ``--model-compile``), at each
-``--model-batch`` x ``--model-size``^2.
-Defaults: CPU N=1, 30x30 (the 233 crop's output stride 8), fp32, model N=1 at 233; CUDA N=8/16,
-60x60 / 90x90, bf16 and fp32, model N=1/16 at 473 and 713 in bf16.
+``--model-batch`` x ``--model-size``^2, per ``--model-precision`` (fp32; bf16_autocast: fp32 weights under
+``torch.autocast(bfloat16)``, what ``amp: bf16`` runs; bf16: the model cast to bf16) and ``--model-layout``
+(nchw, channels_last). On CPU the markdown ends with the PASS / FAIL lines of :data:`MODEL_TARGETS`.
+Defaults: CPU N=1, 30x30 (the 233 crop's output stride 8), fp32, model N=1 at 233 in fp32 and bf16 autocast,
+NCHW and channels_last; CUDA N=8/16, 60x60 / 90x90, bf16 and fp32, model N=1/16 at 473 and 713 in bf16,
+channels_last.
 Writes ``<out>/conv_<device>_<date>.{json,md}``.
 """
 
@@ -155,44 +158,88 @@ def _layer_rows(spec, mode, fns, ref, n, size, dtype_name, device, args, peak) -
     return rows
 
 
+#: PSPNet-50 eval precisions: name -> (parameter and input dtype, autocast dtype or None).
+MODEL_PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
+                    "bf16_autocast": (torch.float32, torch.bfloat16)}
+MODEL_LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+#: CPU targets of the PSPNet-50 eval rows (fused vs eager, same precision and layout): issue 14.
+MODEL_TARGETS = {("fp32", "nchw"): 1.3, ("fp32", "channels_last"): 1.3, ("bf16_autocast", "channels_last"): 1.3}
+
+
 def bench_model(device, args) -> list[dict]:
-    """PSPNet-50 eval forward, fused=True vs fused=False vs torch.compile(fused=False), same weights."""
+    """PSPNet-50 eval forward, fused=True vs fused=False vs torch.compile of the latter, same weights, per
+    precision (``--model-precision``: fp32, bf16 autocast on fp32 weights, or the model cast to bf16) and
+    layout (``--model-layout``). Defaults: CPU fp32 and bf16 autocast, NCHW and channels_last; CUDA the bf16
+    model, channels_last."""
     from pspnet.models import PSPNet
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
-    nets = {"pspnet50_fused": PSPNet(layers=50, classes=150, fused=True),
+    base = {"pspnet50_fused": PSPNet(layers=50, classes=150, fused=True),
             "pspnet50_eager": PSPNet(layers=50, classes=150, fused=False)}
-    nets["pspnet50_fused"].load_state_dict(nets["pspnet50_eager"].state_dict())
+    base["pspnet50_fused"].load_state_dict(base["pspnet50_eager"].state_dict())
     ref_net = None
-    if device.type == "cpu":  # the fp64 reference (on CUDA, fp64 PSPNet-50 is too slow to be worth it)
+    if not cuda:  # the fp64 reference (on CUDA, fp64 PSPNet-50 is too slow to be worth it)
         ref_net = PSPNet(layers=50, classes=150, fused=False).double().eval()
-        ref_net.load_state_dict(nets["pspnet50_eager"].state_dict())
-    nets = {k: m.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval() for k, m in nets.items()}
-    calls = dict(nets)
-    if not args.no_compile and (device.type == "cuda" or args.model_compile):
-        calls["pspnet50_compile"] = torch.compile(nets["pspnet50_eager"],
-                                                  mode="max-autotune" if device.type == "cuda" else None)
+        ref_net.load_state_dict(base["pspnet50_eager"].state_dict())
     rows = []
-    for n in args.model_batch or ([1, 16] if device.type == "cuda" else [1]):
-        for size in args.model_size or ([473, 713] if device.type == "cuda" else [233]):
-            x = torch.randn(n, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                ref = ref_net(x.double()) if ref_net is not None else None
-                times = interleaved({k: (lambda m=m: m(x)) for k, m in calls.items()}, device, args.rounds, 1)
-                errs = {k: None if ref is None else ((m(x).double() - ref).norm() / ref.norm()).item()
-                        for k, m in calls.items()}
-            rows += _model_rows("PSPNet-50 eval forward", times, n, size, dtype, errs)
+    for precision in args.model_precision or (["bf16"] if cuda else ["fp32", "bf16_autocast"]):
+        dtype, amp = MODEL_PRECISIONS[precision]
+        for layout in args.model_layout or (["channels_last"] if cuda else ["nchw", "channels_last"]):
+            fmt = MODEL_LAYOUTS[layout]
+            nets = {k: m.to(device=device, dtype=dtype, memory_format=fmt).eval() for k, m in base.items()}
+            calls = dict(nets)
+            if not args.no_compile and (cuda or args.model_compile):
+                torch._dynamo.reset()
+                calls["pspnet50_compile"] = torch.compile(nets["pspnet50_eager"], mode="max-autotune" if cuda else None)
+            for n in args.model_batch or ([1, 16] if cuda else [1]):
+                for size in args.model_size or ([473, 713] if cuda else [233]):
+                    x = torch.randn(n, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+                    rows += _time_models(calls, x, amp, ref_net, device, args, precision, layout)
     return rows
 
 
-def _model_rows(case, times, n, size, dtype, errs=None) -> list[dict]:
+def _time_models(calls, x, amp, ref_net, device, args, precision, layout) -> list[dict]:
+    def run(m):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            return m(x)
+    failed = {}
+    for k in list(calls):
+        try:
+            run(calls[k])
+        except Exception as err:  # noqa: BLE001 - a failing baseline (torch.compile) is a result, not a crash
+            failed[k] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            del calls[k]
+    with torch.no_grad():
+        ref = ref_net(x.double()) if ref_net is not None else None
+    times = interleaved({k: (lambda m=m: run(m)) for k, m in calls.items()}, device, args.rounds, 1)
+    errs = {k: None if ref is None else ((run(m).double() - ref).norm() / ref.norm()).item() for k, m in calls.items()}
+    n, _, h, w = x.shape
+    rows = _model_rows("PSPNet-50 eval forward", times, n, h, precision, errs, layout)
+    return rows + [dict(case="PSPNet-50 eval forward", impl=k, status="failed", error=e, N=n, H=h, W=w,
+                        dtype=precision, layout=layout) for k, e in failed.items()]
+
+
+def _model_rows(case, times, n, size, dtype, errs=None, layout="channels_last") -> list[dict]:
     rows = []
     for k, t in times.items():
         speed = {f"speedup_vs_{b}": times[f"pspnet50_{b}"]["median_ms"] / t["median_ms"]
                  for b in ("eager", "compile") if f"pspnet50_{b}" in times}
         rows.append(dict(case=case, impl=k, status="ok", N=n, H=size, W=size, dtype=str(dtype).replace("torch.", ""),
-                         layout="channels_last", **t, rel_err=(errs or {}).get(k), **speed))
+                         layout=layout, **t, rel_err=(errs or {}).get(k), **speed))
     return rows
+
+
+def model_checks(rows: list[dict]) -> list[str]:
+    """PASS / FAIL lines of :data:`MODEL_TARGETS` (CPU): the fused model vs eager in the same precision and
+    layout, worst row over the batch sizes and input sizes."""
+    lines = []
+    for (precision, layout), target in MODEL_TARGETS.items():
+        sel = [r["speedup_vs_eager"] for r in rows if r["case"] == "PSPNet-50 eval forward" and r["status"] == "ok"
+               and r["impl"] == "pspnet50_fused" and r["dtype"] == precision and r["layout"] == layout]
+        status = "SKIP" if not sel else "PASS" if min(sel) >= target else "FAIL"
+        worst = f" (worst {min(sel):.2f}x)" if sel else ""
+        lines.append(f"- **{status}** PSPNet-50 eval fused >= {target}x eager, {precision} {layout}{worst}")
+    return lines
 
 
 def bench_train_step(device, args) -> list[dict]:
@@ -239,12 +286,14 @@ def markdown(rows: list[dict], env: dict, peak: float) -> str:
 
         def f(key, spec=".2f"):
             return "-" if r.get(key) is None else format(r[key], spec)
-        cfg = f"N{r['N']} {r['H']}x{r['W']} {r['dtype']}"
+        cfg = f"N{r['N']} {r['H']}x{r['W']} {r['dtype']}" + (f" {r['layout']}" if r["case"].startswith("PSPNet") else "")
         case = r["case"] if "mode" not in r else f"{r['case']} ({r['mode']})"
         lines.append(f"| {case} | {cfg} | {r['impl']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
                      f" | {f('tflops', '.3f')} | {f('pct_matmul_peak', '.1f')} | {f('speedup_vs_eager')} | "
                      f"{f('speedup_vs_compile')} | {f('rel_err', '.1e')} |")
-    lines += ["", ", ".join(f"{k} {v}" for k, v in env.items())]
+    if env.get("device_type") == "cpu" and any(r["case"] == "PSPNet-50 eval forward" for r in rows):
+        lines += ["", "Targets:", ""] + model_checks(rows)
+    lines += ["", ", ".join(f"{k} {v}" for k, v in env.items() if k != "device_type")]
     return "\n".join(lines) + "\n"
 
 
@@ -261,6 +310,10 @@ def parse_args(argv=None):
     p.add_argument("--no-model", action="store_true", help="skip the PSPNet-50 rows")
     p.add_argument("--model-size", type=int, nargs="+")
     p.add_argument("--model-batch", type=int, nargs="+")
+    p.add_argument("--model-precision", nargs="+", choices=sorted(MODEL_PRECISIONS),
+                   help="default: cpu fp32 bf16_autocast, cuda bf16")
+    p.add_argument("--model-layout", nargs="+", choices=sorted(MODEL_LAYOUTS),
+                   help="default: cpu nchw channels_last, cuda channels_last")
     p.add_argument("--model-compile", action="store_true",
                    help="also torch.compile the whole model on CPU (minutes of compile; always on CUDA)")
     p.add_argument("--train-step", action="store_true",
@@ -288,7 +341,8 @@ def main(argv=None) -> Path:
         if args.train_step or cuda:
             rows += bench_train_step(device, args)
     env = dict(environment(device), matmul_peak_tflops=round(peak, 3))
-    return write_results(args.out, "conv", device, {"env": env, "rows": rows}, markdown(rows, env, peak))
+    return write_results(args.out, "conv", device, {"env": env, "rows": rows},
+                         markdown(rows, dict(env, device_type=device.type), peak))
 
 
 if __name__ == "__main__":
