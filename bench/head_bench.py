@@ -2,7 +2,7 @@
 
     python bench/head_bench.py [--device cpu|cuda] [--batch N ...] [--channels 2048] [--size H ...]
         [--dtype fp32|bf16 ...] [--rounds 5] [--reps 1] [--no-compile] [--no-model] [--model-size 233 473]
-        [--model-batch 2] [--out bench/results]
+        [--model-batch 2] [--model-amp fp32 bf16] [--out bench/results]
 
 Head = pyramid pooling + 3x3 conv (C + 4R -> 512) + BN + ReLU (semseg's ``ppm`` and ``cls.0``-``cls.2``).
 Implementations, interleaved in one process on the same weights and input: ``eager_concat``
@@ -12,8 +12,9 @@ forward+backward (train mode, backward of a fixed random gradient). Per row: med
 FLOPs of the head's 3x3 conv as the design computes it and TFLOP/s, speedups, relative error vs an fp64
 reference, and the activation memory: bytes of the tensors autograd saves for backward (distinct
 storages, parameters excluded, with and without x itself; CPU and GPU) and, on GPU, ``torch.cuda.max_memory_allocated`` above the inputs.
-Whole-model rows: a PSPNet-50 training step (SGD, fused=True vs fused=False, the same weights) at
-``--model-batch`` x ``--model-size``^2 (each size; default 233 and semseg's 473 crop).
+Whole-model rows: a PSPNet-50 training step (SGD, fused=True vs fused=False, the same weights, channels_last)
+at ``--model-batch`` x ``--model-size``^2 (each size; default 233 and semseg's 473 crop), in fp32 and under
+bf16 autocast (``--model-amp``).
 Defaults: CPU N=2, C=2048, 60x60, fp32; CUDA N=8/16, 60x60 and 90x90, bf16 and fp32.
 Writes ``<out>/head_<device>_<date>.{json,md}``.
 """
@@ -154,35 +155,38 @@ def bench_head(n, c, size, dtype_name, device, args) -> list[dict]:
 
 
 def bench_model(device, args) -> list[dict]:
-    """PSPNet-50 SGD training step, fused=True (concat-free head, fused PPM) vs fused=False, same weights."""
+    """PSPNet-50 SGD training step, fused=True (concat-free head, fused PPM) vs fused=False, same weights,
+    channels_last, in fp32 and under bf16 autocast (``--model-amp``)."""
     from pspnet.models import PSPNet
     torch.manual_seed(0)
     nets = {}
     for name, fused in (("pspnet50_fused", True), ("pspnet50_reference", False)):
         torch.manual_seed(0)
-        nets[name] = PSPNet(layers=50, classes=19, fused=fused).to(device).train()
+        nets[name] = PSPNet(layers=50, classes=19, fused=fused).to(device, memory_format=torch.channels_last).train()
     nets["pspnet50_fused"].load_state_dict(nets["pspnet50_reference"].state_dict())
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
     rows = []
-    for size in args.model_size:
-        rows += _model_rows(nets, opts, size, device, args)
+    for amp in args.model_amp:
+        for size in args.model_size:
+            rows += _model_rows(nets, opts, size, amp, device, args)
     return rows
 
 
-def _model_rows(nets, opts, size, device, args) -> list[dict]:
-    x = torch.randn(args.model_batch, 3, size, size, device=device)
+def _model_rows(nets, opts, size, amp, device, args) -> list[dict]:
+    x = torch.randn(args.model_batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 19, (args.model_batch, size, size), device=device)
 
     def step(name):
         def run():
             opts[name].zero_grad(set_to_none=True)
-            _, main, aux = nets[name](x, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                _, main, aux = nets[name](x, y)
             (main + 0.4 * aux).backward()
             opts[name].step()
         return run
     times = interleaved({k: step(k) for k in nets}, device, args.rounds, 1)
-    rows = [dict(case="train step", impl=k, status="ok", N=args.model_batch, H=size, W=size, dtype="fp32", **t)
-            for k, t in times.items()]
+    rows = [dict(case="train step", impl=k, status="ok", N=args.model_batch, H=size, W=size,
+                 dtype="bf16 autocast" if amp == "bf16" else "fp32", **t) for k, t in times.items()]
     for r in rows:
         r["speedup_vs_reference"] = times["pspnet50_reference"]["median_ms"] / r["median_ms"]
     return rows
@@ -224,6 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--no-model", action="store_true", help="skip the PSPNet-50 training-step rows")
     p.add_argument("--model-size", type=int, nargs="+", default=[233, 473])
     p.add_argument("--model-batch", type=int, default=2)
+    p.add_argument("--model-amp", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="training-step precision: fp32, or bf16 autocast")
     p.add_argument("--out", default=str(BENCH / "results"))
     return p.parse_args(argv)
 

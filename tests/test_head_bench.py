@@ -23,8 +23,8 @@ def test_head_bench_tiny(tmp_path, load_bench):
     assert 0 < free["saved_bytes_beyond_x"] < free["saved_bytes"]          # x itself is saved (conv wgrad)
     # the memory target: at least 2*N*C*H*W elements (fp32 here) fewer saved for backward
     assert free["saved_bytes_beyond_x"] + 2 * 2 * 32 * 12 * 12 * 4 <= concat["saved_bytes_beyond_x"]
-    steps = {r["impl"]: r for r in rows if r["case"] == "train step"}
-    assert set(steps) == {"pspnet50_fused", "pspnet50_reference"}
-    assert steps["pspnet50_reference"]["speedup_vs_reference"] == 1.0
+    steps = {(r["impl"], r["dtype"]): r for r in rows if r["case"] == "train step"}
+    assert set(steps) == {(i, d) for i in ("pspnet50_fused", "pspnet50_reference") for d in ("fp32", "bf16 autocast")}
+    assert all(steps[("pspnet50_reference", d)]["speedup_vs_reference"] == 1.0 for d in ("fp32", "bf16 autocast"))
     text = stem.with_suffix(".md").read_text()
     assert "concat_free" in text and "pspnet50_fused" in text
