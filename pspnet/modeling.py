@@ -28,6 +28,10 @@ def build_model(cfg: TrainConfig, criterion: Optional[PSPLoss] = None) -> PSPNet
         cfg: the config.
         criterion: the loss handed to the model (semseg ``tool/train.py``: ``PSPNet(..., criterion=criterion)``);
             default :func:`pspnet.loss.build_criterion` of ``cfg``.
+
+    Raises:
+        ValueError: no ``criterion`` for a config with ``loss: ce_median_freq`` (its class weights come from
+            the training labels: the trainer builds that criterion).
     """
     model = PSPNet(layers=cfg.layers, classes=cfg.classes, bins=tuple(cfg.bins), dropout=cfg.dropout,
                    zoom_factor=cfg.zoom_factor, fused=cfg.fused, deep_stem=cfg.deep_stem,

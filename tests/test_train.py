@@ -93,7 +93,7 @@ def test_train_cli_reports_bad_config(capsys):
 # ---------------------------------------------------------------------------- recipe pieces
 
 def test_param_groups_and_poly_schedule_follow_semseg():
-    cfg = load_config(CONFIG, ["--base_lr", "0.01", "--head_lr_mult", "10"])
+    cfg = load_config(CONFIG, ["--base_lr", "0.01", "--head_lr_mult", "10", "--loss", "ce"])  # the model only
     model = build_model(cfg)
     groups = param_groups(model, cfg.head_lr_mult)
     assert [g["name"] for g in groups] == ["layer0", "layer1", "layer2", "layer3", "layer4", "ppm", "cls", "aux"]
@@ -241,15 +241,15 @@ def test_trainer_takes_another_lr_scheduler(tmp_path):
 
 @needs_data
 def test_median_frequency_loss_weights_come_from_the_training_labels_and_stay_on_resume(tmp_path):
-    """``--loss ce_median_freq``: the weights of the 6 training images' labels, in the start row and the
-    checkpoint; a resumed run keeps the checkpoint's weights."""
+    """``--loss ce_median_freq``: the weights of the 6 training images' labels (to the config's
+    class_weight_power), in the start row and the checkpoint; a resumed run keeps the checkpoint's weights."""
     from pspnet.data.camvid import CamVid
     from pspnet.loss import median_frequency_weights
     run = tmp_path / "run"
     assert train_main(_tiny(run, "--max_iters", "2", "--loss", "ce_median_freq")) == 0
     state = load_checkpoint(run / "final.pth")
     train = CamVid(DATA_ROOT, "train")
-    expected = median_frequency_weights([train.label(i) for i in range(6)], 11, 255)
+    expected = median_frequency_weights([train.label(i) for i in range(6)], 11, 255, power=0.5)   # camvid.yaml
     assert torch.allclose(torch.tensor(state["class_weights"]), expected, rtol=1e-6)
     assert _rows(run, "start")[0]["class_weights"] == state["class_weights"]
     assert train_main(_tiny(run, "--max_iters", "3", "--loss", "ce_median_freq", "--resume", "auto")) == 0
