@@ -377,6 +377,9 @@ CHECKS = {  # (label, row filter, field, comparison, threshold), applied to ever
     ],
     "cpu": [
         ("fwd+bwd >= 2x eager NCHW", {"case": "fwd+bwd"}, "speedup_vs_eager_nchw", ">=", 2.0),
+        # bf16 (issue 14): >= 3x the faster eager layout, i.e. >= 3x each of them
+        ("fwd+bwd bf16 >= 3x eager NCHW", {"case": "fwd+bwd", "dtype": ("bf16",)}, "speedup_vs_eager_nchw", ">=", 3.0),
+        ("fwd+bwd bf16 >= 3x eager CL", {"case": "fwd+bwd", "dtype": ("bf16",)}, "speedup_vs_eager_cl", ">=", 3.0),
         ("rel err <= 1e-5 (fp32)", {"dtype": ("fp32",)}, "rel_err", "<=", 1e-5),
         ("bitwise deterministic", {}, "deterministic_bitwise", "==", True),
     ],
