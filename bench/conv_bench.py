@@ -286,7 +286,9 @@ def markdown(rows: list[dict], env: dict, peak: float) -> str:
 
         def f(key, spec=".2f"):
             return "-" if r.get(key) is None else format(r[key], spec)
-        cfg = f"N{r['N']} {r['H']}x{r['W']} {r['dtype']}" + (f" {r['layout']}" if r["case"].startswith("PSPNet") else "")
+        cfg = f"N{r['N']} {r['H']}x{r['W']} {r['dtype']}"
+        if r["case"].startswith("PSPNet"):
+            cfg += f" {r['layout']}"
         case = r["case"] if "mode" not in r else f"{r['case']} ({r['mode']})"
         lines.append(f"| {case} | {cfg} | {r['impl']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
                      f" | {f('tflops', '.3f')} | {f('pct_matmul_peak', '.1f')} | {f('speedup_vs_eager')} | "

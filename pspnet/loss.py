@@ -104,7 +104,8 @@ class PSPLoss(nn.CrossEntropyLoss):
 
     def extra_repr(self) -> str:
         weighted = "" if self.weight is None else f", class_weights={[round(w, 4) for w in self.weight.tolist()]}"
-        ohem = "" if self.ohem_thresh is None else f", ohem_thresh={self.ohem_thresh}, ohem_min_kept={self.ohem_min_kept}"
+        ohem = ("" if self.ohem_thresh is None
+                else f", ohem_thresh={self.ohem_thresh}, ohem_min_kept={self.ohem_min_kept}")
         return f"ignore_index={self.ignore_index}, aux_weight={self.aux_weight}{weighted}{ohem}"
 
 
