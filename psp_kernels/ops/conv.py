@@ -6,7 +6,7 @@ BatchNorm + residual + ReLU backward in one op. Both backwards end in ``psp::fol
 convolution backward.
 
 Kernels (``psp_kernels.dispatch.KERNEL_TABLE``): ``csrc/cpu/conv.cpp`` (oneDNN's convolution with the
-epilogue in place), ``psp_kernels/triton/conv.py`` (implicit GEMM with the epilogue), ``csrc/cuda/conv.cu``
+epilogue in place; bf16: the epilogue as oneDNN post-ops), ``psp_kernels/triton/conv.py`` (implicit GEMM with the epilogue), ``csrc/cuda/conv.cu``
 (CUTLASS), ``psp_kernels.eager`` (cuDNN / oneDNN in x's dtype; the convolution backward),
 ``psp_kernels.reference``.
 """
