@@ -25,12 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import bin_offsets, is_channels_last
+from .geometry import bin_offsets, is_channels_last, memory_format
 from .reference import batch_norm_residual_relu, concat_buffer
-
-
-def _memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,13 +42,13 @@ def multibin_avg_pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], h
                                channels_last: bool) -> torch.Tensor:
     """ATen's adaptive-average-pooling backward per bin, summed in grad_pooled's dtype: [N, C, H, W]."""
     n, c, _ = grad_pooled.shape
-    like = grad_pooled.new_empty(n, c, height, width).contiguous(memory_format=_memory_format(channels_last))
+    like = grad_pooled.new_empty(n, c, height, width).contiguous(memory_format=memory_format(channels_last))
     grad = None
     for b, off in zip(bins, bin_offsets(bins)):
         g = torch.ops.aten._adaptive_avg_pool2d_backward(grad_pooled[:, :, off:off + b * b].reshape(n, c, b, b),
                                                          like)
         grad = g if grad is None else grad.add_(g)
-    return grad.contiguous(memory_format=_memory_format(channels_last))
+    return grad.contiguous(memory_format=memory_format(channels_last))
 
 
 def multibin_avg_pool_with_concat(x: torch.Tensor, bins: Sequence[int], total_channels: int):
@@ -65,7 +61,7 @@ def multibin_avg_pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int
     """``residual + multibin_avg_pool_backward(grad_pooled)`` in grad_pooled's dtype."""
     _, _, h, w = residual.shape
     grad = multibin_avg_pool_backward(grad_pooled, bins, h, w, channels_last).add_(residual)
-    return grad.contiguous(memory_format=_memory_format(channels_last))
+    return grad.contiguous(memory_format=memory_format(channels_last))
 
 
 def _upsampled(branches: torch.Tensor, bins: Sequence[int], size, dtype: torch.dtype):
@@ -78,7 +74,7 @@ def _upsampled(branches: torch.Tensor, bins: Sequence[int], size, dtype: torch.d
 def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
     """``cat([x, interpolate(branch_b) ...])`` in x's dtype and memory format."""
     out = torch.cat([x, *_upsampled(branches, bins, x.shape[2:], x.dtype)], dim=1)
-    return out.contiguous(memory_format=_memory_format(is_channels_last(x)))
+    return out.contiguous(memory_format=memory_format(is_channels_last(x)))
 
 
 def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:

@@ -107,6 +107,11 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``torch.channels_last`` when ``channels_last``, else ``torch.contiguous_format`` (NCHW)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """Output extent of a convolution along one axis (zero padding): ``(size + 2 padding - dilation (kernel - 1)
     - 1) // stride + 1``, as ``torch.nn.Conv2d``."""

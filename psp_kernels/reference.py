@@ -23,11 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .geometry import acc_dtype, bin_offsets, interpolation_matrix, is_channels_last, pooling_matrix
-
-
-def _memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
+from .geometry import acc_dtype, bin_offsets, interpolation_matrix, is_channels_last, memory_format, pooling_matrix
 
 
 def multibin_avg_pool(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
@@ -48,7 +44,7 @@ def multibin_avg_pool_backward(grad_pooled: torch.Tensor, bins: Sequence[int], h
         pw = pooling_matrix(b, width, dt, g.device)
         gb = g[:, :, off:off + b * b].reshape(n, c, b, b)
         grad_x += ph.t() @ gb @ pw                                # P_h^T g_b P_w
-    return grad_x.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
+    return grad_x.to(grad_pooled.dtype).contiguous(memory_format=memory_format(channels_last))
 
 
 def _bin_slices(bins: Sequence[int]):
@@ -144,7 +140,7 @@ def upsample_concat(x: torch.Tensor, branches: torch.Tensor, bins: Sequence[int]
         b = int(round(s ** 0.5))
         pb = branches[:, :, off:off + s].reshape(n, r, b, b).to(dt)
         outs.append(F.interpolate(pb, size=size, mode="bilinear", align_corners=True).to(x.dtype))
-    return torch.cat(outs, dim=1).contiguous(memory_format=_memory_format(is_channels_last(x)))
+    return torch.cat(outs, dim=1).contiguous(memory_format=memory_format(is_channels_last(x)))
 
 
 def upsample_concat_backward(grad_out: torch.Tensor, bins: Sequence[int], channels: int) -> torch.Tensor:
@@ -186,7 +182,7 @@ def concat_buffer(x: torch.Tensor, total_channels: int) -> torch.Tensor:
     uninitialised."""
     n, c, h, w = x.shape
     concat = torch.empty(n, total_channels, h, w, dtype=x.dtype, device=x.device,
-                         memory_format=_memory_format(is_channels_last(x)))
+                         memory_format=memory_format(is_channels_last(x)))
     concat[:, :c].copy_(x)
     return concat
 
@@ -217,7 +213,7 @@ def multibin_avg_pool_backward_add(grad_pooled: torch.Tensor, bins: Sequence[int
     _, _, h, w = residual.shape
     dt = acc_dtype(grad_pooled.dtype)
     grad = multibin_avg_pool_backward(grad_pooled.to(dt), bins, h, w, channels_last) + residual.to(dt)
-    return grad.to(grad_pooled.dtype).contiguous(memory_format=_memory_format(channels_last))
+    return grad.to(grad_pooled.dtype).contiguous(memory_format=memory_format(channels_last))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +251,7 @@ def add_branch_bn_relu(conv_out: torch.Tensor, branch_rows: torch.Tensor, width_
     """
     y, u, bw = conv_out, branch_rows, width_interp
     acc = acc_dtype(y.dtype)
-    fmt = _memory_format(is_channels_last(y))
+    fmt = memory_format(is_channels_last(y))
     z = (y.to(acc) + torch.matmul(u, bw.t())).to(y.dtype).contiguous(memory_format=fmt)
     zf = z.to(acc)
     if training:
@@ -286,7 +282,7 @@ def add_branch_bn_relu_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, 
     mask = zf * _per_channel(scale) + _per_channel(shift) > 0
     grad_z, grad_bn = _bn_backward(torch.where(mask, grad_out.to(acc), 0), zf, bn_weight, bn_bias, mean, var,
                                    training, eps)
-    grad_y = grad_z.to(z.dtype).contiguous(memory_format=_memory_format(is_channels_last(z)))
+    grad_y = grad_z.to(z.dtype).contiguous(memory_format=memory_format(is_channels_last(z)))
     return grad_y, torch.matmul(grad_z, bw), grad_bn
 
 
@@ -355,7 +351,7 @@ def folded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         y.add_(residual)
     if relu:
         y.relu_()
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(is_channels_last(x)))
+    return y.to(x.dtype).contiguous(memory_format=memory_format(is_channels_last(x)))
 
 
 def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
@@ -369,7 +365,7 @@ def training_conv(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor
     """
     acc = acc_dtype(x.dtype)
     y = F.conv2d(x.to(acc), weight.to(acc), None, stride, padding, dilation).to(x.dtype)
-    return batch_norm_residual_relu(y.contiguous(memory_format=_memory_format(is_channels_last(x))), bn_weight,
+    return batch_norm_residual_relu(y.contiguous(memory_format=memory_format(is_channels_last(x))), bn_weight,
                                     bn_bias, residual, relu, eps)
 
 
@@ -385,7 +381,7 @@ def batch_norm_residual_relu(bn_input: torch.Tensor, bn_weight: torch.Tensor, bn
     if residual is not None:
         z = z + residual.to(acc)
     out = (torch.relu(z) if relu else z).to(bn_input.dtype)
-    return out.contiguous(memory_format=_memory_format(is_channels_last(bn_input))), bn_input, mean, var
+    return out.contiguous(memory_format=memory_format(is_channels_last(bn_input))), bn_input, mean, var
 
 
 def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, out: torch.Tensor,
@@ -398,7 +394,7 @@ def training_conv_bn_backward(grad_out: torch.Tensor, bn_input: torch.Tensor, ou
     is ``out > 0``."""
     y = bn_input
     acc = acc_dtype(y.dtype)
-    fmt = _memory_format(is_channels_last(y))
+    fmt = memory_format(is_channels_last(y))
     g = torch.where(out > 0, grad_out.to(acc), 0) if relu else grad_out.to(acc)
     grad_y, grad_bn = _bn_backward(g, y.to(acc), bn_weight, bn_bias, mean, var, True, eps)
     grad_res = g.to(grad_out.dtype).contiguous(memory_format=fmt) if has_residual else y.new_empty(0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..batchnorm import syncs_statistics
+from ..geometry import is_channels_last, memory_format
 from ..ops.conv import folded_conv, training_conv
 
 __all__ = ["fold_bn", "foldable", "fused_conv_bn", "fused_conv_bn_sequence"]
@@ -67,12 +68,15 @@ def _state(conv: nn.Conv2d, bn: _BatchNorm) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None) + (bn.eps,)
 
 
-def _cached_fold(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    key = _state(conv, bn)
+def _cached_fold(conv: nn.Conv2d, bn: _BatchNorm, layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fold_bn` with the weight in ``layout`` (the input's: oneDNN / cuDNN would convert it per call),
+    cached until a parameter, running statistic or the layout changes."""
+    key = _state(conv, bn) + (layout,)
     hit = _FOLDED.get(conv)
     if hit is None or hit[0] != key or hit[1] is not bn:
         with torch.no_grad():
             weight, bias = fold_bn(conv, bn)
+            weight = weight.contiguous(memory_format=layout)
         hit = (key, bn, weight, bias)
         _FOLDED[conv] = hit
     return hit[2], hit[3]
@@ -125,7 +129,7 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool =
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         weight, bias = fold_bn(conv, bn)
     else:
-        weight, bias = _cached_fold(conv, bn)
+        weight, bias = _cached_fold(conv, bn, memory_format(is_channels_last(x)))
     return folded_conv(x, weight, bias, residual, conv.stride[0], conv.padding[0], conv.dilation[0], relu)
 
 

@@ -229,6 +229,17 @@ class HeadConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, None, 1, self.padding, self.dilation)
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...), then ``weight_branches`` back in tap-major
+        memory if the conversion changed its strides (``.to(memory_format=torch.channels_last)`` does): the tap
+        mix reads it as GEMM views, where any other layout costs a copy of the whole weight per call."""
+        super()._apply(fn, recurse)
+        weight = self.weight_branches
+        if not weight.permute(2, 3, 0, 1).is_contiguous():
+            with torch.no_grad():
+                weight.data = weight.data.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+        return self
+
     @staticmethod
     def _save_merged(module, state_dict, prefix, local_metadata) -> None:
         state_dict.pop(prefix + "weight_x")

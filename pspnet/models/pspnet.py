@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psp_kernels import PSPHead
-from psp_kernels.geometry import DEFAULT_BINS, check_bins
+from psp_kernels.geometry import DEFAULT_BINS, check_bins, is_channels_last, memory_format
 from psp_kernels.nn import fused_conv_bn_sequence, psp_head
 
 from ..loss import PSPLoss
@@ -79,7 +79,8 @@ class PSPNet(nn.Module):
         concat_free_head: ``cls.0``-``cls.2`` without the 2C-channel concat (:class:`psp_kernels.PSPHead`).
         fused_backbone: the backbone's conv + BN (+ residual) + ReLU as one op each
             (:func:`psp_kernels.nn.conv.fused_conv_bn`: BN folded into the conv in eval mode, the fused
-            training op on GPU).
+            training op on GPU). In eval mode on CPU the model then runs channels_last whatever x's layout
+            (oneDNN's fast layout; the logits come back in x's).
         criterion: loss ``criterion(logits [N, K, h, w], y [N, h, w]) -> scalar``, applied to the main and
             the aux logits in train mode; default :class:`pspnet.loss.PSPLoss` ``()``: semseg's
             ``nn.CrossEntropyLoss(ignore_index=255)`` (mean over non-ignored pixels), whose ``combine`` weighs
@@ -206,7 +207,7 @@ class PSPNet(nn.Module):
             align_corners=True) against ``y``, i.e. at full resolution. With a :class:`~pspnet.loss.PSPLoss`
             criterion the total to back-propagate is ``self.criterion.combine(main_loss, aux_loss).total``
             (``main_loss + aux_weight * aux_loss``).
-            otherwise: logits [N, classes, h, w] in x's dtype (the aux head is not run).
+            otherwise: logits [N, classes, h, w] in x's dtype and memory format (the aux head is not run).
 
         Raises:
             ValueError: ``x`` not [N, 3, H, W]; ``y`` of the wrong shape or device; train mode with a
@@ -216,11 +217,14 @@ class PSPNet(nn.Module):
         y = self._check_inputs(x, y)
         h, w = output_size(x.shape[2], x.shape[3], self.zoom_factor)
 
+        layout = memory_format(is_channels_last(x))
+        if self.fused_backbone and not self.training and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout for the folded convs
         x = fused_conv_bn_sequence(self.layer0, x) if self.fused_backbone else self.layer0(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x_tmp = self.layer3(x)
-        x = psp_head(self.layer4(x_tmp), self.ppm, self.cls, self.concat_free_head)
+        x = psp_head(self.layer4(x_tmp), self.ppm, self.cls, self.concat_free_head).contiguous(memory_format=layout)
         if tuple(x.shape[2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
 
