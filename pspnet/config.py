@@ -132,6 +132,10 @@ class TrainConfig:
     seed: Optional[int] = _key(0, "Random seed for python, numpy, torch and the data order; none = draw one "
                                "(recorded in the checkpoint).")
     threads: Optional[int] = _key(None, "torch.set_num_threads value; none = PyTorch's default.", resume_free=True)
+    keep_freed_memory: bool = _key(True, "glibc malloc keeps freed memory for reuse (no mmap per large block), "
+                                   "so large activations do not page-fault in again every iteration "
+                                   "(pspnet.runtime.keep_freed_memory); no effect without glibc.",
+                                   resume_free=True)
     device: str = _key("auto", "auto (CUDA when available, else CPU), cpu or cuda; under torchrun each process "
                        "uses cuda:LOCAL_RANK.", resume_free=True)
     amp: str = _key("auto", "Mixed precision: auto (bf16 autocast where the device runs bf16 fast: CUDA sm_80+, "

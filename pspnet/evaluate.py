@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError
@@ -30,6 +29,7 @@ from .loaders import base_dataset, build_eval_set
 from .modeling import load_for_inference
 from .precision import resolve_amp
 from .report import write_report
+from .runtime import configure_process
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "main"]
@@ -74,8 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = checkpoint_config(state, args.checkpoint, args.config, config_overrides(args))
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    configure_process(cfg)
     try:
         dataset = build_eval_set(cfg, args.split, cfg.max_val_samples)
     except (FileNotFoundError, ConfigError) as e:

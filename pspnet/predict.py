@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
@@ -34,6 +33,7 @@ from .data.datasets import read_rgb
 from .inference import predict
 from .modeling import load_for_inference
 from .precision import autocast, resolve_amp
+from .runtime import configure_process
 from .visualize import colorize, overlay, write_rgb_png
 
 __all__ = ["build_parser", "collect_images", "class_palette", "main"]
@@ -102,8 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images = collect_images(args.inputs)
         state = load_checkpoint(args.checkpoint)
         cfg = checkpoint_config(state, args.checkpoint, args.config, config_overrides(args))
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        configure_process(cfg)
         model = load_for_inference(cfg, state)
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
         parser.error(str(e))

@@ -34,6 +34,7 @@ from .lr_scheduler import LRSchedulerFactory, build_lr_scheduler, restore_lr_sch
 from .modeling import build_model, memory_format
 from .optim import build_optimizer
 from .report import write_report
+from .runtime import configure_process
 from .rng import get_rng_state, set_rng_state, set_seed
 from .sampler import EpochSampler
 from .models import load_backbone, load_state_dict
@@ -90,8 +91,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True,
                  lr_scheduler: Optional[LRSchedulerFactory] = None) -> None:
         self.cfg = cfg
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        configure_process(cfg)
         self.ctx = ctx = setup(cfg.device)
         self.progress = progress and ctx.is_main
         if cfg.batch_size % ctx.world_size or cfg.batch_size // ctx.world_size < 2:

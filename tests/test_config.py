@@ -43,8 +43,8 @@ def test_train_help_from_the_command_line():
 def test_resume_free_keys_come_from_the_field_metadata():
     assert resume_free_keys() == {
         "resume", "overwrite", "max_iters", "epochs", "eval_freq", "save_freq", "keep_last", "log_freq", "workers",
-        "threads", "cache_data", "max_val_samples", "batch_size_val", "base_size", "test_h", "test_w", "scales", "flip",
-        "window_batch", "save_path", "data_root", "backbone_weights", "device"}
+        "threads", "keep_freed_memory", "cache_data", "max_val_samples", "batch_size_val", "base_size", "test_h",
+        "test_w", "scales", "flip", "window_batch", "save_path", "data_root", "backbone_weights", "device"}
     for f in dataclasses.fields(TrainConfig):
         assert set(f.metadata) == {"help", "resume_free"} and f.metadata["help"].endswith("."), f.name
 
