@@ -3,12 +3,18 @@
 CPU: wall-clock medians (``time.perf_counter``) after warm-up. CUDA: ``triton.testing.do_bench`` with
 quantiles (L2 flushed before every rep, warm-up and rep in milliseconds). Ceilings are measured in the
 same run: copy bandwidth counts the bytes read plus the bytes written.
+
+Importing this module gives the benchmark process the allocator setting of pspnet's command-line tools
+(:func:`pspnet.runtime.keep_freed_memory`: glibc keeps freed memory for reuse). With glibc's default every
+large tensor is mapped afresh and page-faults in on every call, which made memory-bound timings here vary by
+up to 2x between runs and charged each variant for its allocations rather than its kernels.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -18,6 +24,10 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 import torch
+
+from pspnet.runtime import keep_freed_memory
+
+KEPT_FREED_MEMORY = keep_freed_memory()
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, reps: int = 5, warmup: int = 1) -> list[float]:
@@ -92,7 +102,8 @@ def environment(device: torch.device) -> dict[str, object]:
     """Device, versions, git sha and date of this run, for the results files."""
     env: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": KEPT_FREED_MEMORY, "cpu_isa": os.environ.get("PSP_KERNELS_CPU_ISA", "widest")}
     try:
         import triton
         env["triton"] = triton.__version__

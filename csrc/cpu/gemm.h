@@ -1,6 +1,8 @@
 // Fixed-order GEMM shared by the CPU kernels (reduction.cpp, head.cpp).
 #pragma once
 
+#include "isa.h"
+
 #include <cstdint>
 #include <cstring>
 
@@ -18,7 +20,7 @@ namespace psp::cpu {
 //
 // Runtime CPU dispatch: the same code is compiled three times, for AVX-512 (64-byte vectors), AVX2
 // (32-byte) and the x86-64 baseline (16-byte SSE2), as functions with GCC's target attribute; the first
-// call picks the widest the CPU has (__builtin_cpu_supports), as ATen's CPU_CAPABILITY dispatch does.
+// call picks the widest the CPU has (isa.h: cpu_vector_bytes), as ATen's CPU_CAPABILITY dispatch does.
 // ---------------------------------------------------------------------------------------------
 
 template <typename acc_t, int VB>
@@ -80,6 +82,7 @@ PSP_GEMM_INLINE void gemm_all(int64_t I, int64_t J, int64_t K, const acc_t* a, i
   for (; i < I; ++i) gemm_rows<acc_t, VB, 1>(0, J, K, a + i * si, si, sk, b, ldb, out + i * ldo, ldo);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
 template <typename acc_t>
 __attribute__((target("avx512f"))) void gemm_avx512(int64_t I, int64_t J, int64_t K, const acc_t* a, int64_t si,
                                                     int64_t sk, const acc_t* b, int64_t ldb, acc_t* out,
@@ -93,26 +96,24 @@ __attribute__((target("avx2"))) void gemm_avx2(int64_t I, int64_t J, int64_t K, 
   gemm_all<acc_t, 32>(I, J, K, a, si, sk, b, ldb, out, ldo);
 }
 
+#endif
+
 template <typename acc_t>
 void gemm_baseline(int64_t I, int64_t J, int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b,
                    int64_t ldb, acc_t* out, int64_t ldo) {
   gemm_all<acc_t, 16>(I, J, K, a, si, sk, b, ldb, out, ldo);
 }
 
-// The widest vector the CPU runs: 64 (AVX-512F), 32 (AVX2) or 16 bytes.
-inline int cpu_vector_bytes() {
-  static const int bytes = __builtin_cpu_supports("avx512f") ? 64 : __builtin_cpu_supports("avx2") ? 32 : 16;
-  return bytes;
-}
-
 template <typename acc_t>
 void gemm_fixed_order(int64_t I, int64_t J, int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b,
                       int64_t ldb, acc_t* out, int64_t ldo) {
+#if defined(__x86_64__) && defined(__GNUC__)
   switch (cpu_vector_bytes()) {
     case 64: return gemm_avx512<acc_t>(I, J, K, a, si, sk, b, ldb, out, ldo);
     case 32: return gemm_avx2<acc_t>(I, J, K, a, si, sk, b, ldb, out, ldo);
-    default: return gemm_baseline<acc_t>(I, J, K, a, si, sk, b, ldb, out, ldo);
   }
+#endif
+  gemm_baseline<acc_t>(I, J, K, a, si, sk, b, ldb, out, ldo);
 }
 
 }  // namespace psp::cpu
