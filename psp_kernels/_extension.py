@@ -23,7 +23,9 @@ import torch
 
 PACKAGE = Path(__file__).resolve().parent
 CSRC = PACKAGE.parent / "csrc"
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# setup.py's flags: -ffp-contract=off keeps FMA out of the wider instruction sets' code (csrc/cpu/isa.h), so
+# every instruction set gives the same bits.
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 
 
 def cpu_sources(root: Path = CSRC) -> list[str]:
