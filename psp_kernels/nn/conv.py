@@ -68,15 +68,17 @@ def _state(conv: nn.Conv2d, bn: _BatchNorm) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None) + (bn.eps,)
 
 
-def _cached_fold(conv: nn.Conv2d, bn: _BatchNorm, layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fold_bn` with the weight in ``layout`` (the input's: oneDNN / cuDNN would convert it per call),
-    cached until a parameter, running statistic or the layout changes."""
-    key = _state(conv, bn) + (layout,)
+def _cached_fold(conv: nn.Conv2d, bn: _BatchNorm, layout: torch.memory_format,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fold_bn` with the weight in ``layout`` and ``dtype`` (the input's: oneDNN / cuDNN would convert
+    it per call; under autocast the kernel rounds it to x's dtype anyway, as autocast does for conv2d), cached
+    until a parameter, running statistic, the layout or the dtype changes."""
+    key = _state(conv, bn) + (layout, dtype)
     hit = _FOLDED.get(conv)
     if hit is None or hit[0] != key or hit[1] is not bn:
         with torch.no_grad():
             weight, bias = fold_bn(conv, bn)
-            weight = weight.contiguous(memory_format=layout)
+            weight = weight.to(dtype).contiguous(memory_format=layout)
         hit = (key, bn, weight, bias)
         _FOLDED[conv] = hit
     return hit[2], hit[3]
@@ -129,7 +131,8 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: _BatchNorm, relu: bool =
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         weight, bias = fold_bn(conv, bn)
     else:
-        weight, bias = _cached_fold(conv, bn, memory_format(is_channels_last(x)))
+        weight, bias = _cached_fold(conv, bn, memory_format(is_channels_last(x)),
+                                    x.dtype if torch.is_autocast_enabled(x.device.type) else conv.weight.dtype)
     return folded_conv(x, weight, bias, residual, conv.stride[0], conv.padding[0], conv.dilation[0], relu)
 
 
