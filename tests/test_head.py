@@ -340,6 +340,10 @@ def test_head_conv_is_semsegs_conv():
     assert rel(conv(x), plain(x)) <= 1e-14
     assert conv.weight_x.is_contiguous() and conv.weight_taps().is_contiguous()
     assert conv.weight_taps().shape == (3, 3, 6, 4)
+    before = conv.weight.detach().clone()
+    conv = conv.to(memory_format=torch.channels_last)        # nn.Module.to converts every 4-D parameter ...
+    assert conv.weight_taps().is_contiguous()                 # ... but the branch part stays tap-major
+    assert conv.weight_x.is_contiguous(memory_format=torch.channels_last) and torch.equal(conv.weight, before)
     with pytest.raises(RuntimeError, match="size mismatch for weight"):
         conv.load_state_dict({"weight": torch.zeros(6, 10, 3, 3)})
     with pytest.raises(ValueError, match="positive channel counts"):

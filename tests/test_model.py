@@ -449,6 +449,21 @@ def test_fused_matches_unfused(psp18_pair):
     unfused.load_state_dict(unfused_state)
 
 
+def test_eval_output_in_the_inputs_layout(psp18_pair):
+    """In eval mode on CPU the fused model runs channels_last whatever its input; the logits come back in the
+    input's memory format, with the values of the channels_last run."""
+    fused, unfused, _ = psp18_pair
+    fused.eval(), unfused.eval()
+    x = torch.randn(1, 3, 33, 41, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, out_cl = fused(x), fused(x_cl)
+        ref = unfused(x)
+    assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_cl)
+    _assert_close(out, ref)
+
+
 def test_batch_of_one_eval():
     m = PSPNet(layers=18, classes=2).eval()
     with torch.no_grad():
