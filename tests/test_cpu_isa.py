@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 # Runs in a fresh process per instruction set (the variant is chosen when the library loads): the fused PSP
