@@ -46,11 +46,13 @@ CSRC = ROOT / "csrc"
 CUDA_SOURCES = sorted(p.name for p in (CSRC / "cuda").glob("*.cu"))
 CPU_SOURCES = sorted(p.name for p in (CSRC / "cpu").glob("*.cpp"))
 IMPL = re.compile(r'm\.impl\("(\w+)",\s*&psp::(cpu|cuda)::(\w+)\)')
+ISA_IMPL = re.compile(r'PSP_CPU_IMPL\(m,\s*(\w+)\)')   # csrc/cpu/isa.h: registers psp::cpu::<isa>::op as op
 
 
 def registered(path: Path) -> list[tuple[str, str]]:
     """(op, C++ function) pairs a source file registers with TORCH_LIBRARY_IMPL."""
-    return [(op, fn) for op, _, fn in IMPL.findall(path.read_text())]
+    text = path.read_text()
+    return [(op, fn) for op, _, fn in IMPL.findall(text)] + [(op, op) for op in ISA_IMPL.findall(text)]
 
 
 # --------------------------------------------------------------------------------------------------
