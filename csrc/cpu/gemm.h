@@ -82,7 +82,7 @@ PSP_GEMM_INLINE void gemm_all(int64_t I, int64_t J, int64_t K, const acc_t* a, i
   for (; i < I; ++i) gemm_rows<acc_t, VB, 1>(0, J, K, a + i * si, si, sk, b, ldb, out + i * ldo, ldo);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef PSP_CPU_X86_VARIANTS
 template <typename acc_t>
 __attribute__((target("avx512f"))) void gemm_avx512(int64_t I, int64_t J, int64_t K, const acc_t* a, int64_t si,
                                                     int64_t sk, const acc_t* b, int64_t ldb, acc_t* out,
@@ -107,7 +107,7 @@ void gemm_baseline(int64_t I, int64_t J, int64_t K, const acc_t* a, int64_t si, 
 template <typename acc_t>
 void gemm_fixed_order(int64_t I, int64_t J, int64_t K, const acc_t* a, int64_t si, int64_t sk, const acc_t* b,
                       int64_t ldb, acc_t* out, int64_t ldo) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef PSP_CPU_X86_VARIANTS
   switch (cpu_vector_bytes()) {
     case 64: return gemm_avx512<acc_t>(I, J, K, a, si, sk, b, ldb, out, ldo);
     case 32: return gemm_avx2<acc_t>(I, J, K, a, si, sk, b, ldb, out, ldo);

@@ -19,13 +19,19 @@
 #include <cstdlib>
 #include <cstring>
 
+// Where the wider variants exist: x86-64 with GCC's target pragmas and __builtin_cpu_supports (elsewhere only
+// the baseline variant is compiled and registered).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PSP_CPU_X86_VARIANTS 1
+#endif
+
 namespace psp::cpu {
 
 // The instruction set the kernels use, as the GEMM's vector bytes: 64 (AVX-512), 32 (AVX2) or 16 (baseline),
 // at most what PSP_KERNELS_CPU_ISA allows.
 inline int cpu_vector_bytes() {
   static const int bytes = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef PSP_CPU_X86_VARIANTS
     int widest = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
                      ? 64
@@ -43,7 +49,7 @@ inline int cpu_vector_bytes() {
 
 }  // namespace psp::cpu
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef PSP_CPU_X86_VARIANTS
 // m.impl(name, the widest variant of psp::cpu::<isa>::fn the CPU runs).
 #define PSP_CPU_IMPL(m, fn)                                                        \
   m.impl(#fn, ::psp::cpu::cpu_vector_bytes() == 64   ? &::psp::cpu::avx512::fn \

@@ -4,7 +4,9 @@
 #error "define PSP_CPU_KERNELS (the kernel header to compile) before including isa_variants.h"
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "isa.h"
+
+#ifdef PSP_CPU_X86_VARIANTS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=256")
 namespace psp::cpu::avx512 {
