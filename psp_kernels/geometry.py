@@ -132,12 +132,20 @@ def shifted_interpolation(out_size: int, in_size: int, kernel: int, padding: int
     (align_corners=True), or **zero** when that position falls outside ``[0, out_size)``: the conv's zero
     padding of the upsampled map, not an extrapolated or clamped row. With it, a conv of an upsampled
     b x b map is ``sum_taps B_ky (W_tap p) B_kx^T`` at bin resolution (docs/concat_free_head.md).
+
+    Built from tensor ops only (weights computed in fp64, then rounded to ``dtype``), so ``out_size`` and
+    ``in_size`` may be symbolic: ``torch.export`` with dynamic H, W traces the table into the graph, and the
+    exported model builds it from the runtime shape.
     """
-    a = interpolation_matrix(out_size, in_size, dtype, device)
-    out = a.new_zeros(kernel, out_size, in_size)
-    for k in range(kernel):
-        off = k * dilation - padding
-        lo, hi = max(0, -off), min(out_size, out_size - off)
-        if lo < hi:
-            out[k, lo:hi] = a[lo + off:hi + off]
-    return out
+    taps = torch.arange(kernel, device=device)[:, None] * dilation - padding
+    rows = torch.arange(out_size, device=device)[None, :] + taps                        # [kernel, out]
+    inside = (rows >= 0) & (rows < out_size)
+    scale = torch.full((), in_size - 1, dtype=torch.float64, device=device) / max(out_size - 1, 1)  # bilinear_taps'
+    src = rows.clamp(0, out_size - 1).to(torch.float64) * scale
+    i0 = src.floor().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    lam = src - i0
+    cols = torch.arange(in_size, device=device).to(torch.float64)
+    weights = (torch.where(cols == i0[..., None], 1.0 - lam[..., None], 0.0)
+               + torch.where(cols == i1[..., None], lam[..., None], 0.0))
+    return torch.where(inside[..., None], weights, 0.0).to(dtype)

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 _TABLES: dict = {}
 
 
 def cached_table(key: tuple, make: Callable[[], T]) -> T:
-    """``make()`` once per ``key``, then the same object."""
+    """``make()`` once per ``key``, then the same object. A key holding a symbolic size (``torch.export`` or
+    ``torch.compile`` with dynamic shapes) is not cached: ``make()`` is traced into the graph each time."""
+    if any(isinstance(k, torch.SymInt) for k in key):
+        return make()
     hit = _TABLES.get(key)
     if hit is None:
         hit = _TABLES[key] = make()

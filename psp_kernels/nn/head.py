@@ -106,10 +106,11 @@ def branch_factors(branches: torch.Tensor, weight_taps: torch.Tensor, bins: Sequ
     us = []
     with torch.autocast(dev.type, enabled=False):  # bin-resolution GEMMs: kept in dt under mixed precision
         qs = _TapMix.apply(weight_taps.to(dt).reshape(kh * kw * o, len(bins), r), *split_bins(branches.to(dt), bins))
-        for b, q in zip(bins, qs):
-            q = q.reshape(n, b, b, kh, kw, o)                                         # [N, a, b, kh, kw, O]
-            bh = _taps(height, b, kh, padding, dilation, dt, dev)                      # [kh, H, b]
-            us.append(torch.einsum("iha,nabijo->nohjb", bh, q).flatten(3))             # [N, O, H, kw*b]
+        for b, q in zip(bins, qs):           # u[n, o, h, (j, c)] = sum_(i, a) bh[i, h, a] q[n, (a, c), (i, j, o)]
+            q = q.reshape(n, b, b, kh, kw * o).permute(0, 3, 1, 2, 4).reshape(n, kh * b, b * kw * o)
+            bh = _taps(height, b, kh, padding, dilation, dt, dev).permute(1, 0, 2).reshape(height, kh * b)
+            u = torch.matmul(bh, q).reshape(n, height, b, kw, o)                       # [N, H, b, kw, O]
+            us.append(u.permute(0, 4, 1, 3, 2).reshape(n, o, height, kw * b))          # [N, O, H, kw*b]
     return torch.cat(us, dim=3), _width_interp(width, bins, kw, padding, dilation, dt, dev)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from psp_kernels import PSPHead
 from psp_kernels.geometry import DEFAULT_BINS, check_bins, is_channels_last, memory_format
@@ -47,7 +48,7 @@ def output_size(height: int, width: int, zoom_factor: int = 8) -> tuple[int, int
     ``8k + 1`` inputs both branches agree with semseg).
     """
     if zoom_factor == 8:
-        return int(height), int(width)
+        return height, width
     return (height - 1) // 8 * zoom_factor + 1, (width - 1) // 8 * zoom_factor + 1
 
 
@@ -60,6 +61,14 @@ def _aux_head(in_channels: int, mid_channels: int, classes: int, dropout: float)
         nn.Dropout2d(p=dropout),
         nn.Conv2d(mid_channels, classes, kernel_size=1),
     )
+
+
+def _resize(x: torch.Tensor, height, width) -> torch.Tensor:
+    """x bilinearly resized (align_corners=True) to height x width, or x itself when it has that size; a size
+    only known at run time (``torch.export`` with dynamic H, W) resizes, which is exact where it is the same."""
+    if statically_known_true(x.shape[2] == height) and statically_known_true(x.shape[3] == width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True)
 
 
 class PSPNet(nn.Module):
@@ -225,13 +234,10 @@ class PSPNet(nn.Module):
         x = self.layer2(x)
         x_tmp = self.layer3(x)
         x = psp_head(self.layer4(x_tmp), self.ppm, self.cls, self.concat_free_head).contiguous(memory_format=layout)
-        if tuple(x.shape[2:]) != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
+        x = _resize(x, h, w)
 
         if self.training and y is not None:
-            aux = self.aux(x_tmp)
-            if tuple(aux.shape[2:]) != (h, w):
-                aux = F.interpolate(aux, size=(h, w), mode="bilinear", align_corners=True)
+            aux = _resize(self.aux(x_tmp), h, w)
             main_loss = self.criterion(x, y)
             aux_loss = self.criterion(aux, y)
             return x.max(1)[1], main_loss, aux_loss
