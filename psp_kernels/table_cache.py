@@ -17,9 +17,10 @@ _TABLES: dict = {}
 
 
 def cached_table(key: tuple, make: Callable[[], T]) -> T:
-    """``make()`` once per ``key``, then the same object. A key holding a symbolic size (``torch.export`` or
-    ``torch.compile`` with dynamic shapes) is not cached: ``make()`` is traced into the graph each time."""
-    if any(isinstance(k, torch.SymInt) for k in key):
+    """``make()`` once per ``key``, then the same object. While ``torch.compile`` or ``torch.export`` traces, nothing
+    is cached or looked up: ``make()`` is traced into the graph (built from the runtime shape where the sizes are
+    symbolic), and the tracer's fake tensors never reach the cache that eager calls read."""
+    if torch.compiler.is_compiling():
         return make()
     hit = _TABLES.get(key)
     if hit is None:

@@ -21,12 +21,14 @@ rename); an existing file at OUT is replaced only then.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -38,6 +40,8 @@ __all__ = ["ExportError", "MAX_RELATIVE_ERROR", "MAX_OPSET", "build_parser", "ma
 MAX_RELATIVE_ERROR = 1e-4      # max |exported - eager| / max |eager| over the logits, or the export is refused
 MAX_OPSET = 23                 # the newest opset torch 2.13's exporter writes
 _BATCH = 2                     # example batch: 2, so that the exported batch dimension stays dynamic
+MAX_SIZE = 8192                # the largest H and W of a dynamic export
+MIN_SIZE = 9                   # the smallest: torch.export's layout checks need a stride-8 map of at least 2x2
 
 
 class ExportError(RuntimeError):
@@ -91,12 +95,22 @@ def _inputs(sizes: Sequence[tuple[int, int]], batches: Sequence[int]) -> list[to
     return [torch.randn(n, 3, *s, generator=generator) for s, n in zip(sizes, batches)]
 
 
-def _dynamic_shapes(dynamic: bool) -> dict:
+def _dynamic_shapes(dynamic: bool, min_size: int) -> dict:
     from torch.export import Dim
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or not 1 <= min_size <= MAX_SIZE:
+        raise ValueError(f"min_size must be an int from 1 to {MAX_SIZE}, got {min_size!r}")
     dims = {0: Dim("batch", min=1, max=1024)}
     if dynamic:
-        dims.update({2: Dim("height", min=1, max=8192), 3: Dim("width", min=1, max=8192)})
+        dims.update({2: Dim("height", min=min_size, max=MAX_SIZE), 3: Dim("width", min=min_size, max=MAX_SIZE)})
     return {"x": dims}
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    """Silences torch's own deprecation notice about its pytree internals, printed on every export."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        yield
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -146,17 +160,19 @@ def _fold_constants(program) -> "object":
 
 def to_onnx(model: nn.Module, path: str | os.PathLike, example_size: Sequence[int] = (473, 473),
             dynamic: bool = True, opset: Optional[int] = None, *, metadata: Optional[Mapping[str, str]] = None,
-            report: Callable[[str], None] = print) -> Path:
+            min_size: int = MIN_SIZE, report: Callable[[str], None] = print) -> Path:
     """Export ``model`` (a :class:`pspnet.models.PSPNet`, fused or not) to an ONNX file, verified first.
 
     Args:
         model: the network; an fp32 eval-mode CPU copy is exported (``model`` itself is not changed).
         path: the ``.onnx`` file to write (its folder is created; an existing file is replaced on success).
         example_size: (H, W) of the example input, pixels.
-        dynamic: batch, height and width dynamic (one model for every input size); False: height and width
-            fixed at ``example_size`` (the batch stays dynamic).
+        dynamic: batch, height and width dynamic (one model for every input size from ``min_size`` to 8192);
+            False: height and width fixed at ``example_size`` (the batch stays dynamic).
         opset: ONNX opset, 18 to 23 (default 20, the exporter's).
         metadata: extra ``metadata_props`` to store (the CLI stores the config and palette).
+        min_size: the smallest H and W of a dynamic export (default 9: PSPNet's stride-8 map must be at least
+            2x2 for torch.export's layout checks; 1 for a single op).
         report: receives the progress lines (the measured errors).
 
     Returns:
@@ -178,9 +194,10 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example_size: Sequence[in
     opset, size, path = _check_opset(opset), _check_size(example_size), _check_output(path)
     net = _inference_copy(model)
     example, second = _inputs([size, size if not dynamic else _second_size(size)], [_BATCH, 1 if dynamic else 3])
+    shapes = _dynamic_shapes(dynamic, min_size)
     try:
-        with torch.no_grad():
-            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(dynamic),
+        with torch.no_grad(), _quiet_tracing():
+            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=shapes,
                                         custom_translation_table=translation_table(), opset_version=opset,
                                         input_names=["image"], output_names=["logits"], verbose=False)
     except Exception as e:  # the exporter raises torch.onnx.errors / torch._dynamo errors with long reports
@@ -224,7 +241,7 @@ def _run_pt2_in_fresh_process(path: Path, inputs: Sequence[torch.Tensor]) -> lis
 
 
 def to_pt2(model: nn.Module, path: str | os.PathLike, example_size: Sequence[int] = (473, 473),
-           dynamic: bool = True, *, report: Callable[[str], None] = print) -> Path:
+           dynamic: bool = True, *, min_size: int = MIN_SIZE, report: Callable[[str], None] = print) -> Path:
     """``torch.export`` of ``model`` (fp32, eval) with dynamic batch, height and width, saved with
     ``torch.export.save`` after a check in a fresh process (``torch.export.load`` with ``psp_kernels`` imported,
     logits within 1e-4 relative of the eager model at the example size and a second size).
@@ -235,9 +252,10 @@ def to_pt2(model: nn.Module, path: str | os.PathLike, example_size: Sequence[int
     size, path = _check_size(example_size), _check_output(path)
     net = _inference_copy(model)
     example, second = _inputs([size, size if not dynamic else _second_size(size)], [_BATCH, 1 if dynamic else 3])
+    shapes = _dynamic_shapes(dynamic, min_size)
     try:
-        with torch.no_grad():
-            program = torch.export.export(net, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
+        with torch.no_grad(), _quiet_tracing():
+            program = torch.export.export(net, (example,), dynamic_shapes=shapes)
     except Exception as e:  # torch.export raises several error types, each with a long report
         raise ExportError(f"torch.export does not cover this model: {_first_line(e)}") from None
 
@@ -291,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--opset applies to --format onnx only")
         state = load_checkpoint(args.checkpoint)
         cfg = checkpoint_config(state, args.checkpoint, args.config, {**config_overrides(args), "device": "cpu"})
-        size = (args.height or cfg.test_h, args.width or cfg.test_w)
+        size = (cfg.test_h if args.height is None else args.height, cfg.test_w if args.width is None else args.width)
         _check_size(size), _check_output(args.output)
         if args.format == "onnx":
             _check_opset(args.opset)

@@ -39,6 +39,9 @@ def open_session(path: str | os.PathLike, threads: Optional[int] = None):
     if threads is not None:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3          # errors only: the shape-merge notes of dynamic graphs are noise
+    # no busy-waiting between runs: the threads would spin on the cores the torch work between runs needs
+    # (softmax and window accumulation in pspnet.inference; 10x slower interleaved on 2 cores otherwise)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)

@@ -1,4 +1,5 @@
-"""Smoke test of bench/ppm_bench.py on CPU: a tiny shape end to end; JSON rows, markdown and PNG checked."""
+"""Smoke test of bench/ppm_bench.py on CPU: a tiny shape end to end; JSON rows, markdown and PNG checked. And
+bench/export_bench.py's FLOP counter and targets on a tiny exported model (its PSPNet run takes minutes)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 N, C, SIZE = 2, 64, 12
 P = N * C * SIZE * SIZE * 4  # bytes of x, fp32
@@ -104,3 +106,47 @@ def test_checks_decide(ppm_bench):
     assert checks["fwd >= 2x compile"]["status"] == "SKIP"  # no compile rows
     assert checks["fwd+bwd >= 80% copy BW on 6P"]["status"] == "SKIP"
     assert all(c["impl"] == "fused_triton" for c in checks.values())
+
+
+class _TinyGraph(torch.nn.Module):
+    """A grouped 3x3 conv, a dilated 3x3 conv and a MatMul: the node kinds export_bench counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.dilated = torch.nn.Conv2d(6, 8, 3, padding=2, dilation=2, bias=False)
+        self.proj = torch.nn.Parameter(torch.randn(7, 5))
+
+    def forward(self, x):
+        return self.dilated(self.grouped(x)) @ self.proj
+
+
+def test_export_bench_flop_counter(load_bench, tmp_path):
+    """FLOPs of a graph exported with dynamic batch and height, counted at another batch and height: the shapes
+    come from the ONNX Runtime run; the head conv is the undilated 3x3 conv that reads >= C channels."""
+    export_bench = load_bench("export_bench")
+    path = tmp_path / "tiny.onnx"
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("height", min=1, max=64)}
+    torch.onnx.export(_TinyGraph().eval(), (torch.randn(2, 4, 5, 7),), path, dynamo=True, dynamic_shapes={"x": dims},
+                      verbose=False)
+    n, h, w = 3, 6, 7
+    records = export_bench.graph_flops(path, (n, 4, h, w))
+    grouped, dilated = 2 * n * 6 * h * w * (4 // 2) * 9, 2 * n * 8 * h * w * 6 * 9
+    assert [(r["op"], r["flops"]) for r in records] == [("Conv", grouped), ("Conv", dilated),
+                                                         ("MatMul", 2 * n * 8 * h * 5 * w)]
+    assert [(r["cin"], r["kernel"], r["dilation"]) for r in records[:2]] == [(4, [3, 3], [1, 1]), (6, [3, 3], [2, 2])]
+    assert export_bench.head_convs(records, 4) == records[:1]          # the dilated conv is backbone-like
+    assert export_bench.head_convs(records, 5) == []
+    assert export_bench.flop_summary(records, 4) == {
+        "head_conv_gflops": grouped / 1e9, "head_conv_cin": [4], "matmul_gflops": 2 * n * 8 * h * 5 * w / 1e9,
+        "matmuls": 1, "conv_gflops": (grouped + dilated) / 1e9}
+
+
+def test_export_bench_targets(load_bench):
+    export_bench = load_bench("export_bench")
+    speed, flops = export_bench.SPEED, export_bench.FLOPS
+    ratios = {"a": {speed: 1.0, flops: 0.5, "onnx_unfused / onnx_fused": 1.4},
+              "b": {speed: 0.9, flops: 0.56, "onnx_unfused / onnx_fused": 1.1}}
+    met = {(t["case"], t["target"].split()[0]): t["met"] for t in export_bench.check_targets(ratios)}
+    assert met == {("a", "eager_fused_fp32"): True, ("a", "fused"): True, ("b", "eager_fused_fp32"): False,
+                   ("b", "fused"): False}
