@@ -65,19 +65,19 @@ def _window_masks(size, bins: Sequence[int]):
     return mask, op.Sub(stop, start)
 
 
-def _pooled_grids(x, bins: Sequence[int]) -> list:
-    """Adaptive average pooling of x [N, C, H, W] to every bin: a list of [N, C, b, b] in ``bins`` order.
+def _pooled_grids(x, rows: Sequence[int], cols: Sequence[int]) -> list:
+    """Adaptive average pooling of x [N, C, H, W] to every (rows[k], cols[k]) grid: a list of [N, C, r, c].
 
-    One pass over x for all bins: ``mask_h @ x @ mask_w^T`` [N, C, sum(b), sum(b)] holds every window sum (bin
-    b's in its diagonal block), divided by the window areas; sums accumulate in x's dtype."""
-    mask_h, len_h = _window_masks(_size(x, 2), bins)
-    mask_w, len_w = _window_masks(_size(x, 3), bins)
+    One pass over x for all grids: ``mask_h @ x @ mask_w^T`` [N, C, sum(rows), sum(cols)] holds every window sum
+    (grid k's in its diagonal block), divided by the window areas; sums accumulate in x's dtype."""
+    mask_h, len_h = _window_masks(_size(x, 2), rows)
+    mask_w, len_w = _window_masks(_size(x, 3), cols)
     sums = op.MatMul(op.MatMul(op.CastLike(mask_h, x), x), op.Transpose(op.CastLike(mask_w, x), perm=[1, 0]))
     means = op.Div(sums, op.CastLike(op.Mul(op.Unsqueeze(len_h, _ints([1])), op.Unsqueeze(len_w, _ints([0]))), x))
-    grids, start = [], 0
-    for b in bins:
-        grids.append(op.Slice(means, _ints([start, start]), _ints([start + b, start + b]), _ints([2, 3])))
-        start += b
+    grids, top, left = [], 0, 0
+    for r, c in zip(rows, cols):
+        grids.append(op.Slice(means, _ints([top, left]), _ints([top + r, left + c]), _ints([2, 3])))
+        top, left = top + r, left + c
     return grids
 
 
@@ -133,19 +133,13 @@ def _stacked_stats(running_means, running_vars):
 
 def multibin_avg_pool(x, bins: Sequence[int]):
     """``psp::multibin_avg_pool``: x [N, C, H, W] -> packed [N, C, S]."""
-    return op.Concat(*[_flat(g) for g in _pooled_grids(x, bins)], axis=2)
+    return op.Concat(*[_flat(g) for g in _pooled_grids(x, bins, bins)], axis=2)
 
 
 def adaptive_avg_pool2d(x, output_size: Sequence[int]):
     """``aten::adaptive_avg_pool2d`` (semseg's unfused PPM): exact windows at any runtime H, W."""
-    rows, cols = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if rows != cols:
-        mask_h, len_h = _window_masks(_size(x, 2), [rows])
-        mask_w, len_w = _window_masks(_size(x, 3), [cols])
-        sums = op.MatMul(op.MatMul(op.CastLike(mask_h, x), x), op.Transpose(op.CastLike(mask_w, x), perm=[1, 0]))
-        return op.Div(sums, op.CastLike(op.Mul(op.Unsqueeze(len_h, _ints([1])), op.Unsqueeze(len_w, _ints([0]))),
-                                        x))
-    return _pooled_grids(x, [rows])[0]
+    rows, cols = output_size
+    return _pooled_grids(x, [rows], [cols])[0]
 
 
 def _split_packed(packed, bins: Sequence[int]) -> list:
@@ -182,7 +176,7 @@ def pyramid_pooling(x, conv_weights, bn_weights, bn_biases, running_means, runni
                     training: bool, eps: float):
     """``psp::pyramid_pooling`` (eval): (concat, pooled, bn_input, mean, var) of the whole PPM."""
     _inference_only(training, "pyramid_pooling")
-    grids = [_flat(g) for g in _pooled_grids(x, bins)]
+    grids = [_flat(g) for g in _pooled_grids(x, bins, bins)]
     outs, bn_inputs = _branch_outputs(grids, conv_weights, bn_weights, bn_biases, running_means, running_vars, eps)
     concat = op.Concat(x, *[op.CastLike(u, x) for u in _upsampled(x, outs, bins)], axis=1)
     return (concat, op.Concat(*grids, axis=2), op.Concat(*bn_inputs, axis=2),

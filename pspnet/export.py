@@ -30,15 +30,19 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["ExportError", "MAX_RELATIVE_ERROR", "MAX_OPSET", "build_parser", "main", "to_onnx", "to_pt2"]
 
 MAX_RELATIVE_ERROR = 1e-4      # max |exported - eager| / max |eager| over the logits, or the export is refused
 MAX_OPSET = 23                 # the newest opset torch 2.13's exporter writes
+DEFAULT_OPSET = 20             # the exporter's default
 _BATCH = 2                     # example batch: 2, so that the exported batch dimension stays dynamic
 MAX_SIZE = 8192                # the largest H and W of a dynamic export
 MIN_SIZE = 9                   # the smallest: torch.export's layout checks need a stride-8 map of at least 2x2
@@ -51,7 +55,7 @@ class ExportError(RuntimeError):
 def _check_opset(opset: Optional[int]) -> int:
     from psp_kernels.onnx_ops import MIN_OPSET
     if opset is None:
-        return 20
+        return DEFAULT_OPSET
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
     return opset
@@ -148,7 +152,7 @@ def _replace_into(path: Path, write: Callable[[Path], None]) -> None:
             os.remove(tmp)
 
 
-def _fold_constants(program) -> "object":
+def _fold_constants(program) -> "onnx.ModelProto":
     """The exported ONNX model with every computation on initializers folded into constants (BatchNorm into
     the conv weights and biases; the onnxscript optimiser's default leaves tensors above 8192 elements)."""
     import onnx_ir
@@ -203,8 +207,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example_size: Sequence[in
     except Exception as e:  # the exporter raises torch.onnx.errors / torch._dynamo errors with long reports
         raise ExportError(f"the ONNX exporter does not cover this model: {_first_line(e)}") from None
     proto = _fold_constants(program)
-    for key, value in (metadata or {}).items():
-        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
+    if metadata:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
 
     def write(tmp: Path) -> None:
         onnx.save(proto, tmp)
