@@ -33,7 +33,8 @@ setup() {
 case "$job" in
     test)
         setup
-        exec "$PY" -m pytest tests -q "$@"
+        # one pytest-xdist worker per core, whole test files per worker (module-scoped fixtures built once)
+        exec "$PY" -m pytest tests -q -n auto --dist loadfile -p no:benchmark "$@"
         ;;
     train)
         setup

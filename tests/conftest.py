@@ -38,6 +38,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # pytest-xdist (scripts/run.sh test: -n auto)
+    if workers > 1:   # share the cores: each worker's intra-op threads (more would oversubscribe them)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     mode = config.getoption("--triton")
     if mode == "auto":
         mode = "compiled" if torch.cuda.is_available() else "interpret"
