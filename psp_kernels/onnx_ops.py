@@ -161,7 +161,7 @@ def _upsampled(x, branches: Sequence, bins: Sequence[int]) -> list:
     height, width = _size(x, 2), _size(x, 3)
     ups = []
     for branch, b in zip(branches, bins):
-        grid = op.Reshape(branch, op.Concat(_ints([0, 0]), _ints([b, b]), axis=0))
+        grid = op.Reshape(branch, _ints([0, 0, b, b]))
         a_h, a_w = _interpolation(height, b, grid), _interpolation(width, b, grid)
         ups.append(op.MatMul(op.MatMul(a_h, grid), op.Transpose(a_w, perm=[1, 0])))
     return ups
