@@ -63,19 +63,22 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb",
+                 check: Optional[Callable[[Path], None]] = None) -> Path:
     """Write a file atomically: ``write(fileobj)`` fills a temporary file in the same folder, which is
-    flushed, fsync'ed and renamed over ``path``.
+    flushed, fsync'ed, given to ``check`` and renamed over ``path``.
 
     Args:
         path: destination; its parent folder is created if missing.
         write: callable receiving the open temporary file object.
         mode: ``"wb"`` (bytes) or ``"w"`` (text, UTF-8).
+        check: optional callable receiving the complete temporary file's path before the rename; it raises
+            to refuse the file (``pspnet.export`` runs the exported model there).
     Returns:
         ``path`` as a Path.
     Raises:
-        Whatever ``write`` raises (also KeyboardInterrupt); the temporary file is removed first and an
-        existing file at ``path`` is left untouched.
+        Whatever ``write`` or ``check`` raises (also KeyboardInterrupt); the temporary file is removed first
+        and an existing file at ``path`` is left untouched.
     """
     path = Path(path)
     directory = str(path.parent) or "."
@@ -87,6 +90,8 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb")
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write
+
 if TYPE_CHECKING:
     import onnx
 
@@ -99,6 +101,16 @@ def _inputs(sizes: Sequence[tuple[int, int]], batches: Sequence[int]) -> list[to
     return [torch.randn(n, 3, *s, generator=generator) for s, n in zip(sizes, batches)]
 
 
+def _prepared(model: nn.Module, path: str | os.PathLike, example_size: Sequence[int], dynamic: bool,
+              min_size: int) -> tuple[nn.Module, Path, list[torch.Tensor], dict]:
+    """What both exports start from, arguments checked: (the fp32 eval copy, the output path, [example input,
+    verification input], the dynamic_shapes)."""
+    size, path = _check_size(example_size), _check_output(path)
+    shapes = _dynamic_shapes(dynamic, min_size)
+    inputs = _inputs([size, _second_size(size) if dynamic else size], [_BATCH, 1 if dynamic else 3])
+    return _inference_copy(model), path, inputs, shapes
+
+
 def _dynamic_shapes(dynamic: bool, min_size: int) -> dict:
     from torch.export import Dim
     if isinstance(min_size, bool) or not isinstance(min_size, int) or not 1 <= min_size <= MAX_SIZE:
@@ -136,20 +148,6 @@ def _compare(run: Callable, net: nn.Module, inputs: Sequence[torch.Tensor], what
         raise ExportError(f"the export does not reproduce the eager model in {what}: relative error "
                           f"{max(errors):.2e} > {MAX_RELATIVE_ERROR:.0e}; nothing was written")
     return errors
-
-
-def _replace_into(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``; the temporary file
-    is removed on any failure (an existing file at ``path`` is left untouched)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _fold_constants(program) -> "onnx.ModelProto":
@@ -195,13 +193,11 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example_size: Sequence[in
     from psp_kernels.onnx_ops import translation_table
     from .onnx_runtime import OnnxSegmenter, open_session
 
-    opset, size, path = _check_opset(opset), _check_size(example_size), _check_output(path)
-    net = _inference_copy(model)
-    example, second = _inputs([size, size if not dynamic else _second_size(size)], [_BATCH, 1 if dynamic else 3])
-    shapes = _dynamic_shapes(dynamic, min_size)
+    opset = _check_opset(opset)
+    net, path, inputs, shapes = _prepared(model, path, example_size, dynamic, min_size)
     try:
         with torch.no_grad(), _quiet_tracing():
-            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=shapes,
+            program = torch.onnx.export(net, tuple(inputs[:1]), dynamo=True, dynamic_shapes=shapes,
                                         custom_translation_table=translation_table(), opset_version=opset,
                                         input_names=["image"], output_names=["logits"], verbose=False)
     except Exception as e:  # the exporter raises torch.onnx.errors / torch._dynamo errors with long reports
@@ -210,17 +206,15 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, example_size: Sequence[in
     if metadata:
         onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
 
-    def write(tmp: Path) -> None:
-        onnx.save(proto, tmp)
+    def check(tmp: Path) -> None:
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as e:
             raise ExportError(f"onnx.checker rejects the exported graph: {_first_line(e)}") from None
         session = OnnxSegmenter(open_session(tmp))
-        _compare(lambda xs: [session(x) for x in xs], net, [example, second], "ONNX Runtime", report)
+        _compare(lambda xs: [session(x) for x in xs], net, inputs, "ONNX Runtime", report)
 
-    _replace_into(path, write)
-    return path
+    return atomic_write(path, lambda f: f.write(proto.SerializeToString()), check=check)
 
 
 _PT2_CHECK = """
@@ -253,23 +247,18 @@ def to_pt2(model: nn.Module, path: str | os.PathLike, example_size: Sequence[int
     Arguments, return value and errors as :func:`to_onnx` (no opset). Load the file with ``import psp_kernels;
     torch.export.load(path).module()``: the ``psp::`` ops stay ops in the program, so it runs the same kernels.
     """
-    size, path = _check_size(example_size), _check_output(path)
-    net = _inference_copy(model)
-    example, second = _inputs([size, size if not dynamic else _second_size(size)], [_BATCH, 1 if dynamic else 3])
-    shapes = _dynamic_shapes(dynamic, min_size)
+    net, path, inputs, shapes = _prepared(model, path, example_size, dynamic, min_size)
     try:
         with torch.no_grad(), _quiet_tracing():
-            program = torch.export.export(net, (example,), dynamic_shapes=shapes)
+            program = torch.export.export(net, tuple(inputs[:1]), dynamic_shapes=shapes)
     except Exception as e:  # torch.export raises several error types, each with a long report
         raise ExportError(f"torch.export does not cover this model: {_first_line(e)}") from None
 
-    def write(tmp: Path) -> None:
-        torch.export.save(program, tmp)
-        _compare(lambda xs: _run_pt2_in_fresh_process(tmp, xs), net, [example, second],
-                 "a fresh process (torch.export.load)", report)
+    def check(tmp: Path) -> None:
+        _compare(lambda xs: _run_pt2_in_fresh_process(tmp, xs), net, inputs, "a fresh process (torch.export.load)",
+                 report)
 
-    _replace_into(path, write)
-    return path
+    return atomic_write(path, lambda f: torch.export.save(program, f), check=check)
 
 
 def _first_line(error: BaseException) -> str:
